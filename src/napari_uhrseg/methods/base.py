@@ -1,0 +1,182 @@
+"""What every method offers the engine and the widgets: the ``Method`` interface, ``Prediction``,
+a registry by name, and checkpoints that carry their own metadata.
+
+Coordinates: a ``Prediction`` is in *window pixels at the working level*; the engine converts its
+artefacts to level-0 pixels with ``napari_uhrseg.io.coords``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from napari_uhrseg.errors import CheckpointError
+
+CHECKPOINT_FORMAT = 1
+REQUIRED_META = ("format", "method", "preset", "class_names", "normalisation")
+
+
+@dataclass
+class Prediction:
+    """One window's result.
+
+    probabilities: float32 array (C, H, W), class probabilities at the window's working resolution.
+    artefacts: method-specific records in window pixels, e.g. ``{"patches": [...]}`` for PPN
+        (each ``{"box": (y0, x0, y1, x1), "probability": p, "selected": bool}``), ``{"uncertainty": (H, W)}``
+        for MagNet, per-step outputs for CascadePSP.
+    """
+
+    probabilities: np.ndarray
+    artefacts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.argmax(self.probabilities, axis=0)
+
+
+class Method:
+    """A segmentation method as the engine sees it. Subclasses set ``name`` and implement ``predict``.
+
+    ``class_names`` includes index 0 (e.g. "background" or "unlabelled" — its meaning is the checkpoint's).
+    ``predict`` takes an RGB window ``(H, W, 3)`` uint8 at the working level and returns a ``Prediction``.
+    """
+
+    name: ClassVar[str] = ""
+    class_names: list[str]
+    device: str = "cpu"
+
+    def predict(self, window: np.ndarray, *, context: dict | None = None) -> Prediction:  # pragma: no cover
+        raise NotImplementedError
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "cpu") -> "Method":  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available by ``name`` (lower case, e.g. ``"grnet"``)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        key = name.lower()
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = key
+        _REGISTRY[key] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    from napari_uhrseg.methods import _load_all
+
+    _load_all()
+    key = name.lower()
+    if key not in _REGISTRY:
+        raise KeyError(f"Unknown method {name!r}; available: {', '.join(sorted(_REGISTRY)) or 'none'}.")
+    return _REGISTRY[key]
+
+
+def available_methods() -> list[str]:
+    from napari_uhrseg.methods import _load_all
+
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict) -> Path:
+    """Write ``{"meta": meta, "state_dict": state_dict}`` atomically (temporary file, then rename).
+
+    ``meta`` must hold at least ``method``, ``preset``, ``class_names`` and ``normalisation``
+    (``{"mean": [...], "std": [...]}`` applied to inputs scaled to [0, 1]); ``format`` and ``created`` are added.
+    Only tensors, numbers, strings, lists and dicts go in, so ``torch.load(weights_only=True)`` reads it back.
+    """
+    import torch
+
+    from napari_uhrseg import __version__
+
+    meta = dict(meta)
+    meta.setdefault("format", CHECKPOINT_FORMAT)
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("uhrseg_version", __version__)
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint metadata lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save({"meta": meta, "state_dict": state_dict}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """Only the metadata (still a full, safe load: torch files have no separate header)."""
+    return load_checkpoint(path)[1]
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    method: str | None = None,
+    class_names: list[str] | None = None,
+    map_location: str = "cpu",
+) -> tuple[dict, dict]:
+    """Load ``(state_dict, meta)`` with ``weights_only=True`` and check the metadata first.
+
+    Raises ``CheckpointError`` with a message saying what to do when the file is missing, damaged,
+    not a uhrseg checkpoint, made by another method, or made for other classes.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist: choose an existing .pt file.")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # damaged zip, pickle with code, truncated file
+        raise CheckpointError(
+            f"Checkpoint {path} could not be read ({type(exc).__name__}: {str(exc)[:200]}). "
+            "It is damaged or not a weights-only checkpoint: re-export it or train a new one with `uhrseg train`."
+        ) from None
+    if not isinstance(blob, dict) or "meta" not in blob or "state_dict" not in blob:
+        raise CheckpointError(
+            f"{path} is not a napari-uhrseg checkpoint (no 'meta'/'state_dict'): "
+            "train one with `uhrseg train` or choose another file."
+        )
+    meta = blob["meta"]
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise CheckpointError(f"Checkpoint {path} lacks metadata {missing}: it was not written by napari-uhrseg.")
+    if int(meta["format"]) > CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"Checkpoint {path} has format {meta['format']}, newer than this napari-uhrseg understands "
+            f"({CHECKPOINT_FORMAT}): upgrade napari-uhrseg."
+        )
+    if method is not None and meta["method"].lower() != method.lower():
+        raise CheckpointError(
+            f"Checkpoint {path.name} was trained for method {meta['method']!r}, not {method!r}: "
+            f"choose method {meta['method']!r} or another checkpoint."
+        )
+    if class_names is not None and list(meta["class_names"]) != list(class_names):
+        raise CheckpointError(
+            f"Checkpoint {path.name} predicts classes {list(meta['class_names'])}, "
+            f"but {list(class_names)} were expected: choose a checkpoint trained on these classes."
+        )
+    return blob["state_dict"], meta
