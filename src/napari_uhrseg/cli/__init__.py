@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train` hands its unknown options to the chosen method's own parser.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "_raw", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args._rest = rest
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,0 +1,68 @@
+"""npe2 reader: any image ``open_pyramid`` reads, as one lazy multiscale layer with its pixel size as scale.
+
+``get_reader`` only looks at the name (and, for folders, whether it is a zarr store); it returns None for what
+is not ours, so napari can try other readers. A file that is ours but damaged or unsupported raises
+:class:`~napari_uhrseg.errors.UnsupportedImageError` from the read function; napari shows its message (which
+names the file and says what to do) as a notification and the viewer carries on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from napari_uhrseg.io.formats import JPEG_SUFFIXES, PNG_SUFFIXES, TIFF_SUFFIXES
+
+_SUFFIXES = TIFF_SUFFIXES | PNG_SUFFIXES | JPEG_SUFFIXES
+# napari/pint spell units in words; OME and slide metadata use symbols.
+_UNITS = {"µm": "micrometer", "um": "micrometer", "nm": "nanometer", "mm": "millimeter", "m": "meter",
+          "cm": "centimeter", "km": "kilometer", "ft": "foot", "degree": "degree"}
+
+
+def get_reader(path):
+    """The read function for ``path`` when it is one file or folder we read; None otherwise."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if not isinstance(path, (str, Path)):
+        return None
+    p = Path(path)
+    if p.is_dir():
+        is_zarr = any((p / name).exists() for name in ("zarr.json", ".zattrs", ".zgroup", ".zarray"))
+        return read_pyramid if is_zarr else None
+    return read_pyramid if p.suffix.lower() in _SUFFIXES else None
+
+
+def read_pyramid(path):
+    """``[(levels, kwargs, layer_type)]`` for one image; raises UnsupportedImageError with a clear message."""
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    return [layer_data(open_pyramid(path))]
+
+
+def layer_data(pyramid) -> tuple:
+    """napari layer data tuple for a Pyramid: one multiscale image (or labels, for OME-Zarr label images)."""
+    scale = tuple(pyramid.pixel_size) if pyramid.pixel_size else (1.0, 1.0)
+    metadata = {"uhrseg_path": pyramid.path, "pixel_size": pyramid.pixel_size, "pixel_unit": pyramid.pixel_unit,
+                "downsamples": list(pyramid.downsamples), "channel_names": pyramid.channel_names}
+    kwargs = {"name": pyramid.name, "multiscale": True, "scale": scale, "metadata": metadata}
+    unit = _UNITS.get(pyramid.pixel_unit or "")
+    if pyramid.pixel_size and unit:
+        kwargs["units"] = (unit, unit)
+    image_label = pyramid.metadata.get("image-label")
+    if image_label is not None and pyramid.channel_axis is None and pyramid.dtype.kind in "ui":
+        return (list(pyramid.levels), kwargs, "labels")
+    if pyramid.channel_axis is not None and not pyramid.rgb:
+        kwargs["channel_axis"] = pyramid.channel_axis
+        names = pyramid.channel_names or [f"channel {i}" for i in range(pyramid.num_channels)]
+        kwargs["name"] = [f"{pyramid.name} {n}" for n in names]
+        scale_list = [scale] * pyramid.num_channels
+        kwargs["scale"] = scale_list
+    else:
+        kwargs["rgb"] = bool(pyramid.rgb)
+    if pyramid.dtype.kind == "f" or pyramid.dtype.itemsize > 1:
+        lo, hi = pyramid.intensity_range()  # one estimate from the coarsest level, as read_region uses
+        if not kwargs.get("channel_axis"):
+            kwargs["contrast_limits"] = [lo, hi]
+    return (list(pyramid.levels), kwargs, "image")
