@@ -1,0 +1,170 @@
+"""GRNet/PPN benchmark on DeepGlobe: train the fast preset within a time budget, then evaluate on the held-out
+tiles, in one run on the same windows: G-branch only, all 16 patches refined, and GRNet+PPN (the paper's
+p >= 0.5 rule and top-k rules).
+
+Split: ``napari_uhrseg.datasets.deepglobe_split()`` (train 6 tiles, test 10452, 2774, 6399). mIoU over the six
+real classes (label 0 "unknown" ignored), pooled confusion matrix over the test tiles; one 2448² window per tile.
+
+    python benchmarks/grnet_ppn.py --minutes 15 --device auto --time-threads 2
+
+Prints the training budget, then per configuration: mIoU, per-class IoU, fraction of patches refined, seconds
+per 2448² window on ``--time-device`` (CPU with ``--time-threads`` threads by default) and the peak RSS while
+that configuration ran (RssSampler). ``--checkpoint`` skips training. Writes ``--out`` (checkpoint) and a JSON
+of the figures next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_uhrseg.datasets import DEEPGLOBE_CLASSES, DEEPGLOBE_COLORS, deepglobe_split, load_deepglobe_tile
+from napari_uhrseg.engine.train import LabelledImage, RandomCrops
+from napari_uhrseg.methods.grnet_ppn import GRNet, GRNetMethod, GRNetSettings, GRNetTrainer
+from napari_uhrseg.methods.presets import grnet_preset
+from napari_uhrseg.metrics import RssSampler, miou_from_confusion
+
+
+def train(args, device: str) -> Path:
+    split = deepglobe_split()
+    items = [LabelledImage(*load_deepglobe_tile(i), name=i) for i in split["train"]]
+    cfg = grnet_preset("fast", batch_size=args.batch_size, global_share=args.global_share)
+    cfg["crop"] = args.crop  # half-window crops keep inference's scales (see GRNetTrainer)
+    torch.manual_seed(args.seed)
+    data = RandomCrops(items, cfg["crop"], ignore_zero=True, seed=args.seed)
+    model = GRNet(cfg, len(DEEPGLOBE_CLASSES) - 1, pretrained=True)
+    trainer = GRNetTrainer(model, cfg, data, [], class_names=DEEPGLOBE_CLASSES, class_colors=DEEPGLOBE_COLORS,
+                           ignore_index=0, total_steps=10**9, batch_size=cfg["batch_size"], device=device,
+                           round_steps=args.round_steps, extra_meta={"trained_on": "deepglobe " + ",".join(split["train"])})
+    budget = args.minutes * 60
+    print(f"training budget {args.minutes:.1f} min on {device}; train tiles {split['train']}; crops {cfg['crop']} px, "
+          f"batch {cfg['batch_size']}", flush=True)
+    # calibrate: time a few steps of each kind, then fix the schedule (G-branch share, rounds) for the budget
+    t0 = time.perf_counter()
+    trainer.global_steps = 10**9
+    for i in range(3):
+        trainer.train_step(i)
+    t_global = (time.perf_counter() - t0) / 3
+    t1 = time.perf_counter()
+    trainer._main_step()
+    t_main = time.perf_counter() - t1
+    per_step = cfg["global_share"] * t_global + (1 - cfg["global_share"]) * t_main
+    total = max(8, int((budget - (time.perf_counter() - t0)) / per_step))
+    if args.max_steps:
+        total = min(total, args.max_steps)
+    trainer.total = total
+    trainer.global_steps = int(cfg["global_share"] * total)
+    print(f"{t_global:.2f} s per G step, {t_main:.2f} s per Mainbody step -> {total} steps "
+          f"({trainer.global_steps} G-branch alone, then PPN/Mainbody rounds of {args.round_steps})", flush=True)
+    for step in range(total):
+        losses = trainer.train_step(step)
+        if (step + 1) % args.log_every == 0 or step + 1 == total:
+            txt = " ".join(f"{k}={v:.3f}" for k, v in losses.items())
+            print(f"[{step + 1}/{total}] {trainer.phase(step)} {txt} {time.perf_counter() - t0:.0f}s", flush=True)
+        if time.perf_counter() - t0 > budget * 1.15:
+            print(f"stopping at step {step + 1}: over budget", flush=True)
+            break
+    trainer.total = step + 1
+    out = trainer.save(Path(args.out), step=step + 1, best=None, training_state=False)
+    print(f"trained {step + 1} steps in {(time.perf_counter() - t0) / 60:.1f} min -> {out}", flush=True)
+    return out
+
+
+def configurations(rules: str) -> list[tuple[str, dict]]:
+    confs = [("G-branch only", {"mode": "global"}), ("all 16 refined", {"mode": "all"})]
+    for rule in rules.split(","):
+        kind, _, val = rule.partition(":")
+        if kind == "threshold":
+            confs.append((f"GRNet+PPN p>={val}", {"mode": "ppn", "selection": "threshold", "threshold": float(val)}))
+        else:
+            confs.append((f"GRNet+PPN top-{val}", {"mode": "ppn", "selection": "topk", "top_k": int(val)}))
+    return confs
+
+
+def run_config(method: GRNetMethod, tiles, settings: dict, *, timed: bool):
+    s = method.settings
+    for k, v in settings.items():
+        setattr(s, k, v)
+    cm = np.zeros((7, 7), np.int64)
+    selected = total = 0
+    seconds = []
+    with RssSampler() as rss:
+        for rgb, gt in tiles:
+            t = time.perf_counter()
+            pred = method.predict(rgb)
+            seconds.append(time.perf_counter() - t)
+            labels = pred.labels
+            m = gt > 0
+            cm += np.bincount(gt[m].astype(np.int64) * 7 + labels[m], minlength=49).reshape(7, 7)
+            patches = pred.artefacts["patches"]
+            selected += sum(p["selected"] for p in patches)
+            total += len(patches)
+    miou, iou = miou_from_confusion(cm, exclude=(0,))
+    return {"miou": miou, "per_class_iou": iou[1:].tolist(), "selected_fraction": selected / max(total, 1),
+            "seconds_per_window": float(np.median(seconds)) if timed else None,
+            "peak_rss_mb": rss.peak_mb if timed else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=15.0, help="training budget")
+    p.add_argument("--device", default="auto", help="training / accuracy device")
+    p.add_argument("--time-device", default="cpu", help="device for the seconds-per-window figures")
+    p.add_argument("--time-threads", type=int, default=2)
+    p.add_argument("--checkpoint", help="evaluate this checkpoint instead of training")
+    p.add_argument("--out", default="bench_out/grnet_deepglobe.pt")
+    p.add_argument("--rules", default="threshold:0.5,topk:2,topk:4,topk:6")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--crop", type=int, default=1224, help="training crop (px); 1224 = half a window")
+    p.add_argument("--global-share", type=float, default=0.3)
+    p.add_argument("--round-steps", type=int, default=25)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--timing-tiles", type=int, default=3, help="test tiles timed per configuration")
+    args = p.parse_args(argv)
+
+    from napari_uhrseg.device import select_device
+
+    dev = select_device(args.device)
+    print(f"device: {dev.describe()}; torch {torch.__version__}", flush=True)
+    ckpt = Path(args.checkpoint) if args.checkpoint else train(args, dev.device)
+    test_ids = deepglobe_split()["test"]
+    tiles = [load_deepglobe_tile(i) for i in test_ids]
+    results = {"checkpoint": str(ckpt), "test_tiles": test_ids, "train_minutes": None if args.checkpoint else args.minutes,
+               "accuracy_device": dev.device, "configs": {}}
+    torch.set_num_threads(args.time_threads)
+    timer = GRNetMethod.from_checkpoint(ckpt, device=args.time_device)
+    run_config(timer, tiles[:1], {"mode": "global"}, timed=True)  # warm-up
+    same = torch.device(args.time_device).type == torch.device(dev.device).type
+    acc = timer if same else GRNetMethod.from_checkpoint(ckpt, device=dev.device)
+    for name, settings in configurations(args.rules):
+        # one pass when accuracy and time share the device; else accuracy on all tiles, time on --timing-tiles
+        results["configs"][name] = run_config(acc, tiles, settings, timed=same)
+        if not same:
+            r = run_config(timer, tiles[: args.timing_tiles], settings, timed=True)
+            results["configs"][name].update(seconds_per_window=r["seconds_per_window"], peak_rss_mb=r["peak_rss_mb"])
+        print(f"{name}: {results['configs'][name]}", flush=True)
+    results["time_device"] = f"{args.time_device} ({torch.get_num_threads()} threads)"
+    names = DEEPGLOBE_CLASSES[1:]
+    print(f"\nDeepGlobe test tiles {test_ids} (2448² windows); accuracy on {dev.device}, "
+          f"time on {results['time_device']}")
+    print(f"{'configuration':22s} {'mIoU':>6s} " + " ".join(f"{n[:6]:>6s}" for n in names)
+          + f" {'refined':>7s} {'s/win':>6s} {'RSS MB':>7s}")
+    for name, r in results["configs"].items():
+        print(f"{name:22s} {100 * r['miou']:6.2f} " + " ".join(f"{100 * v:6.2f}" for v in r["per_class_iou"])
+              + f" {100 * r['selected_fraction']:6.1f}% {r['seconds_per_window']:6.2f} {r['peak_rss_mb']:7.0f}")
+    out_json = Path(args.out).with_suffix(".json") if not args.checkpoint else Path(args.checkpoint).with_suffix(".json")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2))
+    print(f"figures: {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Segment dock: run a method over the whole image, the current view or a drawn box, in a worker.
+
+The dock gathers choices and drives ``napari_uhrseg.engine.segment.iter_segment`` in a napari
+``thread_worker`` (``UHRSEG_SYNC=1`` runs it on the GUI thread, for tests). Each finished window refreshes
+``"<image> labels"`` (the engine's label store, placed on the image with the working level's scale) and
+``"<image> PPN patches"`` (rectangles in the image's level-0 data coordinates, edge colour by PPN
+probability). Cancel stops between windows and keeps the finished ones. Errors become napari notifications.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import napari
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from napari_uhrseg.engine.segment import DEFAULT_OVERLAP, DEFAULT_WINDOW
+from napari_uhrseg.widgets import _layers
+from napari_uhrseg.widgets._common import LayerCombo, notify_error
+from napari_uhrseg.widgets.state import get_state
+
+REGIONS = ("Whole image", "Current view", "Drawn box")
+
+
+def _sync_requested() -> bool:
+    return os.environ.get("UHRSEG_SYNC", "") not in ("", "0")
+
+
+class SegmentWidget(QWidget):
+    """The Segment dock. ``finished`` carries the ``SegmentResult`` or the exception of a run."""
+
+    finished = Signal(object)
+
+    def __init__(self, napari_viewer: napari.Viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.state = get_state(napari_viewer)
+        self.result = None
+        self._worker = None
+        self._cancel = threading.Event()
+        self._records: list[dict] = []
+        self._labels_layer = None
+        self._image_layer = None
+        self._method = None
+        self._build()
+        self._on_image_changed()
+        self._on_method_changed()
+
+    # ------------------------------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        from napari_uhrseg.methods import available_methods
+
+        self.image_combo = LayerCombo(self.viewer, napari.layers.Image, self)
+        self.method_combo = QComboBox(self)
+        self.method_combo.addItems(available_methods())
+        if self.state.method and self.method_combo.findText(self.state.method) >= 0:
+            self.method_combo.setCurrentText(self.state.method)
+        self.checkpoint_combo = QComboBox(self)
+        self.checkpoint_combo.setEditable(True)
+        self.checkpoint_combo.setToolTip("a checkpoint file, or a starter shipped with the plugin")
+        browse = QPushButton("Browse…", self)
+        browse.clicked.connect(self._browse)
+        ckpt_row = QHBoxLayout()
+        ckpt_row.addWidget(self.checkpoint_combo, 1)
+        ckpt_row.addWidget(browse)
+        self.level_spin = QSpinBox(self)
+        self.level_info = QLabel("", self)
+        level_row = QHBoxLayout()
+        level_row.addWidget(self.level_spin)
+        level_row.addWidget(self.level_info, 1)
+        self.region_combo = QComboBox(self)
+        self.region_combo.addItems(REGIONS)
+        self.box_combo = LayerCombo(self.viewer, napari.layers.Shapes, self, allow_none=True)
+        self.box_combo.setToolTip("the Shapes layer whose last rectangle is the region")
+        self.window_spin = QSpinBox(self)
+        self.window_spin.setRange(64, 16384)
+        self.window_spin.setValue(DEFAULT_WINDOW)
+        self.window_spin.setSuffix(" px")
+        self.device_label = QLabel(self._describe_device(), self)
+        self.segment_button = QPushButton("Segment", self)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setEnabled(False)
+        self.progress = QProgressBar(self)
+        self.status = QLabel("", self)
+        self.status.setWordWrap(True)
+
+        form = QFormLayout(self)
+        form.addRow("Image", self.image_combo)
+        form.addRow("Method", self.method_combo)
+        form.addRow("Checkpoint", ckpt_row)
+        form.addRow("Working level", level_row)
+        form.addRow("Region", self.region_combo)
+        form.addRow("Box layer", self.box_combo)
+        form.addRow("Window", self.window_spin)
+        form.addRow("Device", self.device_label)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.segment_button)
+        buttons.addWidget(self.cancel_button)
+        form.addRow(buttons)
+        form.addRow(self.progress)
+        form.addRow(self.status)
+
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+        self.method_combo.currentTextChanged.connect(self._on_method_changed)
+        self.level_spin.valueChanged.connect(self._show_level)
+        self.segment_button.clicked.connect(lambda: self.segment())
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def _describe_device(self) -> str:
+        from napari_uhrseg.device import select_device
+
+        try:
+            return select_device(self.state.device, leave_for_ui=1).describe()
+        except (RuntimeError, ValueError) as exc:
+            return f"unavailable: {exc}"
+
+    # ------------------------------------------------------------------------------------------ choices
+    def _on_image_changed(self, *_) -> None:
+        layer = self.image_combo.layer()
+        self._pyramid = None
+        if layer is None:
+            self.level_spin.setRange(0, 0)
+            self.level_info.setText("no image layer")
+            return
+        try:
+            self._pyramid = _layers.pyramid_for_layer(layer)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, the dock stays usable
+            self.level_info.setText(f"cannot read: {exc}")
+            return
+        self.level_spin.setRange(0, len(self._pyramid.levels) - 1)
+        self._show_level()
+
+    def _show_level(self, *_) -> None:
+        if self._pyramid is not None:
+            h, w = self._pyramid.level_shape(self.level_spin.value())
+            self.level_info.setText(f"{w} x {h} px")
+
+    def _on_method_changed(self, *_) -> None:
+        from napari_uhrseg.checkpoints import CheckpointManager
+
+        self.checkpoint_combo.clear()
+        try:
+            infos = [i for i in CheckpointManager().list(method=self.method_combo.currentText()) if i.ok]
+        except Exception:  # noqa: BLE001 - an unreadable folder must not break the dock
+            infos = []
+        for info in infos:
+            self.checkpoint_combo.addItem(info.describe(), str(info.path))
+        if self.state.checkpoint and self.state.method == self.method_combo.currentText():
+            self.set_checkpoint(self.state.checkpoint)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt)")
+        if path:
+            self.set_checkpoint(path)
+
+    def set_checkpoint(self, path: str) -> None:
+        idx = self.checkpoint_combo.findData(str(path))
+        if idx < 0:
+            self.checkpoint_combo.addItem(str(path), str(path))
+            idx = self.checkpoint_combo.count() - 1
+        self.checkpoint_combo.setCurrentIndex(idx)
+
+    def checkpoint_path(self) -> str | None:
+        """The chosen checkpoint: the item's file, or the text typed in; None = the method's starter."""
+        data = self.checkpoint_combo.currentData()
+        text = self.checkpoint_combo.currentText().strip()
+        if data and text == self.checkpoint_combo.itemText(self.checkpoint_combo.currentIndex()):
+            return str(data)
+        return text or None
+
+    def region_level0(self, image_layer):
+        """The region of the run in level-0 pixels, or None for the whole image."""
+        choice = self.region_combo.currentText()
+        if choice == "Current view":
+            return _layers.view_box_level0(image_layer)
+        if choice == "Drawn box":
+            return _layers.drawn_box_level0(self.box_combo.layer(), image_layer)
+        return None
+
+    # ------------------------------------------------------------------------------------------ running
+    def segment(self, *, sync: bool | None = None):
+        """Start a run with the dock's choices; returns the worker (or the result when synchronous)."""
+        image_layer = self.image_combo.layer()
+        if image_layer is None or self._pyramid is None:
+            notify_error(ValueError("choose an image layer first"), "Segment")
+            return None
+        try:
+            params = dict(
+                pyramid=self._pyramid, level=self.level_spin.value(), window=self.window_spin.value(),
+                overlap=min(DEFAULT_OVERLAP, self.window_spin.value() // 4), region=self.region_level0(image_layer),
+                method=self.method_combo.currentText(), checkpoint=self.checkpoint_path(),
+                device=self.state.device,
+            )
+        except Exception as exc:  # noqa: BLE001
+            self._on_error(exc)
+            return None
+        self._image_layer, self._labels_layer, self._records, self.result = image_layer, None, [], None
+        self._cancel = threading.Event()
+        self._set_running(True)
+        self.state.image_layer = image_layer
+        gen = self._job(params)
+        if sync if sync is not None else _sync_requested():
+            return self._run_here(gen)
+        from napari.qt.threading import create_worker
+
+        def work():
+            return (yield from gen)
+
+        self._worker = create_worker(work, _start_thread=False)
+        self._worker.yielded.connect(self._on_event)
+        self._worker.returned.connect(self._on_done)
+        self._worker.errored.connect(self._on_error)
+        self._worker.start()
+        return self._worker
+
+    def _run_here(self, gen):
+        try:
+            while True:
+                try:
+                    self._on_event(next(gen))
+                except StopIteration as stop:
+                    self._on_done(stop.value)
+                    return stop.value
+        except Exception as exc:  # noqa: BLE001 - reported like the worker's errors
+            self._on_error(exc)
+            return None
+
+    def _job(self, p):
+        """The work (any thread): load the method, then the engine's generator; yields events."""
+        from napari_uhrseg.cli.segment import build_method
+        from napari_uhrseg.device import select_device
+        from napari_uhrseg.engine.segment import iter_segment
+
+        device = select_device(p["device"], leave_for_ui=1).device
+        method = build_method(p["method"], p["checkpoint"], device)
+        self._method = method
+        result = yield from iter_segment(p["pyramid"], method, level=p["level"], window=p["window"],
+                                         overlap=p["overlap"], region=p["region"], cancel=self._cancel)
+        return result
+
+    def cancel(self) -> None:
+        """Stop after the current window; finished windows stay."""
+        self._cancel.set()
+        self.status.setText("Cancelling after this window…")
+
+    # ------------------------------------------------------------------------------------------ results
+    def _on_event(self, ev) -> None:
+        if self._labels_layer is None:
+            names = list(getattr(self._method, "class_names", []) or [])
+            self._labels_layer = _layers.add_or_update_labels(self.viewer, self._image_layer, ev, class_names=names)
+            self.state.labels_layer = self._labels_layer
+            self.progress.setRange(0, ev.total)
+        else:
+            self._labels_layer.refresh()
+        if ev.overlays:
+            first = not self._records
+            self._records.extend(ev.overlays)
+            _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
+                                          new=None if first else ev.overlays)
+        self.progress.setValue(ev.index + 1)
+        self.status.setText(f"window {ev.index + 1}/{ev.total}: {ev.seconds['total_s']:.2f} s")
+
+    def _on_done(self, result) -> None:
+        self.result = result
+        self._set_running(False)
+        if self._labels_layer is not None:
+            self._labels_layer.refresh()
+        self.state.method = result.method
+        self.state.checkpoint = self.checkpoint_path()
+        word = "Cancelled" if result.cancelled else "Done"
+        selected = sum(1 for r in result.overlays if r.get("selected"))
+        self.status.setText(
+            f"{word}: {result.windows_done}/{result.windows_total} windows in {result.timings['total_s']:.1f} s "
+            f"on {result.device}; {selected} of {len(result.overlays)} patches refined."
+        )
+        self.finished.emit(result)
+
+    def _on_error(self, exc) -> None:
+        self._set_running(False)
+        self.status.setText(f"Failed: {exc}")
+        notify_error(exc, "Segment")
+        self.finished.emit(exc)
+
+    def _set_running(self, running: bool) -> None:
+        self.segment_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress.setRange(0, 0)
+            self.status.setText("Loading the method…")
+        else:
+            self._worker = None

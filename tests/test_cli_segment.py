@@ -1,0 +1,122 @@
+"""``uhrseg segment``: labels and overlays on disk, regions and levels, missing checkpoints, Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import tifffile
+
+from _segment_helpers import ChannelMethod, channel_probabilities, channel_scene, write_channel_checkpoint
+from napari_uhrseg.cli import main
+from napari_uhrseg.engine.overlays import read_overlays
+from napari_uhrseg.io.labels import open_label_store
+from napari_uhrseg.io.pyramid import open_pyramid
+
+
+@pytest.fixture
+def scene(tmp_path):
+    image, truth = channel_scene((300, 420), seed=11)
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, image)
+    ckpt = write_channel_checkpoint(tmp_path / "channels.pt")
+    return path, ckpt, image, truth
+
+
+def _summary(capsys) -> dict:
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_segment_writes_a_label_store_and_patch_geojson(scene, tmp_path, capsys):
+    path, ckpt, _, truth = scene
+    out = tmp_path / "labels.zarr"
+    code = main(["segment", str(path), "-o", str(out), "--method", "test-channels", "--checkpoint", str(ckpt),
+                 "--window", "128", "--overlap", "16", "--device", "cpu"])
+    assert code == 0
+    summary = _summary(capsys)
+    assert summary["windows"] == summary["windows_done"] == 12 and not summary["cancelled"]
+    assert len(summary["seconds_per_window"]) == 12 and summary["device"] == "cpu"
+    store = open_label_store(out)
+    np.testing.assert_array_equal(np.asarray(store.array), truth)
+    assert store.info["origin"] == [0, 0] and store.info["level"] == 0
+    records = read_overlays(tmp_path / "labels.patches.geojson")
+    assert len(records) == 4 * 12 == summary["patches"]
+    image = scene[2]
+    for rec in records:  # level 0: the patch probability recomputes from the image under the box
+        y0, x0, y1, x1 = (int(round(v)) for v in rec["box"])
+        assert 0 <= y0 < y1 <= 300 and 0 <= x0 < x1 <= 420
+        assert rec["probability"] == pytest.approx(image[y0:y1, x0:x1, 0].mean() / 255.0, abs=1e-9)
+
+
+def test_segment_region_at_level1_exports_ome_tiff(tmp_path, capsys):
+    image, _ = channel_scene((600, 700), seed=12)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, image)
+    ckpt = write_channel_checkpoint(tmp_path / "channels.pt")
+    out = tmp_path / "big.ome.tif"
+    code = main(["segment", str(path), "-o", str(out), "--method", "test-channels", "--checkpoint", str(ckpt),
+                 "--window", "64", "--overlap", "8", "--level", "1", "--region", "40,80,580,500", "--quiet"])
+    assert code == 0
+    summary = _summary(capsys)
+    pyr = open_pyramid(str(path))
+    ds = pyr.downsamples[1]
+    level1 = np.asarray(pyr.levels[1])
+    y0, x0, y1, x1 = (int(round(v / ds)) for v in summary["region_level0"])
+    # an export keeps the image's frame: the whole working level, the region filled, the rest unlabelled
+    assert summary["labels_shape"] == list(level1.shape[:2])
+    written = np.squeeze(tifffile.imread(out, level=0))
+    expected = np.argmax(channel_probabilities(level1[y0:y1, x0:x1]), axis=0)
+    np.testing.assert_array_equal(written[y0:y1, x0:x1], expected)
+    outside = np.ones(written.shape, bool)
+    outside[y0:y1, x0:x1] = False
+    assert (written[outside] == 0).all()
+    assert (tmp_path / "big.patches.geojson").is_file()
+
+
+def test_missing_checkpoint_without_starter_is_a_clear_error(scene, tmp_path, capsys):
+    path, _, _, _ = scene
+    code = main(["segment", str(path), "-o", str(tmp_path / "x.zarr"), "--method", "test-channels"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no starter checkpoint" in err and "--checkpoint" in err
+
+
+def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "nope"]) == 2
+    assert "Unknown method 'nope'" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", str(tmp_path / "b.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), "--region", "10,10,5"]) == 2
+    assert "--region" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_after_the_window_and_keeps_finished_windows(scene, tmp_path, capsys, monkeypatch):
+    path, ckpt, _, truth = scene
+    calls = {"n": 0}
+    original = ChannelMethod.predict
+
+    def predict(self, window, *, context=None):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the user presses Ctrl-C while the third window computes
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, window, context=context)
+
+    monkeypatch.setattr(ChannelMethod, "predict", predict)
+    out = tmp_path / "stopped.zarr"
+    code = main(["segment", str(path), "-o", str(out), "--method", "test-channels", "--checkpoint", str(ckpt),
+                 "--window", "128", "--overlap", "16"])
+    assert code == 130
+    summary = _summary(capsys)
+    assert summary["cancelled"] and summary["windows_done"] == 3
+    labels = np.asarray(open_label_store(out).array)
+    from napari_uhrseg.engine.windows import window_grid
+
+    done = np.zeros(labels.shape, bool)
+    for w in window_grid((0, 0, 300, 420), 128, 16)[:3]:
+        done[w.y0:w.y1, w.x0:w.x1] = True
+    np.testing.assert_array_equal(labels[done], truth[done])
+    assert (labels[~done] == 0).all()
+    assert len(read_overlays(tmp_path / "stopped.patches.geojson")) == 4 * 3
