@@ -1,0 +1,149 @@
+"""Click-to-segment: a click gives a seed region, CascadePSP snaps its boundary, the result is one edit.
+
+The seed is the *predicted* region under the click when a prediction (a labels array from a segmenter) is
+given — the connected component of the predicted class there — otherwise a class-agnostic region grown from
+the click: a flood fill in smoothed CIELAB colour, its tolerance chosen so the region is neither a speck nor the
+whole neighbourhood. Both are computed at the working level inside a square neighbourhood (default 1024 px)
+around the click. The click point is in level-0 pixels ``(y, x)`` (napari world coordinates of a multiscale
+image with unit scale); labels and prediction share the labels frame (see ``engine.refine``).
+"""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_uhrseg.engine.refine import RefineEdit, default_refiner
+from napari_uhrseg.errors import UhrsegError
+from napari_uhrseg.io import coords
+
+NEIGHBOURHOOD = 1024  # working-level px around the click where the seed may grow
+GROW_SIDE = 256  # the flood fill runs on the neighbourhood downsampled to this side (speed; seeds are coarse)
+TOLERANCES = (4.0, 6.0, 9.0, 13.0, 18.0, 25.0)  # CIELAB distances tried, small to large
+MAX_SEED_FRACTION = 0.35  # a seed covering more of the neighbourhood than this has leaked into the background
+CLICK_L = 320  # long side at which the seed's box is refined (global step only: a click must answer in ~1 s)
+BOX_PAD = 0.25  # padding of the seed's box, as in the paper's multi-class ROIs
+
+
+def grow_region(window: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+    """Class-agnostic seed around ``point`` (window px): flood fill in smoothed Lab colour, holes filled.
+
+    Tries growing tolerances and keeps the largest region below ``MAX_SEED_FRACTION`` of the window.
+    """
+    h, w = window.shape[:2]
+    scale = min(1.0, GROW_SIDE / max(h, w))
+    small = cv2.resize(window, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    lab = cv2.cvtColor(cv2.GaussianBlur(small, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab[..., 0] *= 100 / 255  # OpenCV scales L to 0..255; bring it back to CIELAB units
+    py = min(int(point[0] * scale), lab.shape[0] - 1)
+    px = min(int(point[1] * scale), lab.shape[1] - 1)
+    ref = np.median(lab[max(0, py - 2) : py + 3, max(0, px - 2) : px + 3].reshape(-1, 3), axis=0)
+    dist = np.linalg.norm(lab - ref, axis=-1)
+    best = None
+    for tol in TOLERANCES:
+        comp, _ = ndi.label(dist <= tol)
+        region = comp == comp[py, px]
+        if region.mean() > MAX_SEED_FRACTION:
+            break
+        best = region
+    if best is None:  # even the smallest tolerance leaks: take a disc the size of a small object
+        yy, xx = np.ogrid[: lab.shape[0], : lab.shape[1]]
+        best = (yy - py) ** 2 + (xx - px) ** 2 <= max(3, lab.shape[0] // 16) ** 2
+    opened = ndi.binary_opening(best)  # cut thin leaks, unless that removes the clicked pixel itself
+    best = ndi.binary_fill_holes(opened if opened[py, px] else best)
+    return cv2.resize(best.astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR) > 0
+
+
+def predicted_region(prediction: np.ndarray, point: tuple[int, int]) -> np.ndarray | None:
+    """The connected component of the predicted class under ``point``, or None where the prediction is 0."""
+    cls = prediction[point]
+    if cls == 0:
+        return None
+    comp, _ = ndi.label(prediction == cls)
+    return comp == comp[point]
+
+
+def _snap(refiner, window, seed, point, L) -> np.ndarray:
+    """CascadePSP on the seed's padded box (global step at ``L``); the component at/nearest the click."""
+    rows, cols = np.flatnonzero(seed.any(1)), np.flatnonzero(seed.any(0))
+    py, px = int((rows[-1] - rows[0] + 1) * BOX_PAD) + 8, int((cols[-1] - cols[0] + 1) * BOX_PAD) + 8
+    y0, y1 = max(0, rows[0] - py), min(seed.shape[0], rows[-1] + 1 + py)
+    x0, x1 = max(0, cols[0] - px), min(seed.shape[1], cols[-1] + 1 + px)
+    prob = refiner.refine(window[y0:y1, x0:x1], seed[y0:y1, x0:x1], fast=True, L=L)
+    snapped = np.zeros_like(seed)
+    comp, n = ndi.label(prob > 0.5)
+    if n:
+        at = comp[point[0] - y0, point[1] - x0] if y0 <= point[0] < y1 and x0 <= point[1] < x1 else 0
+        if at == 0:  # the click fell just outside the snapped object: keep the component with most seed overlap
+            overlap = ndi.sum(seed[y0:y1, x0:x1], comp, index=np.arange(1, n + 1))
+            at = int(np.argmax(overlap)) + 1
+        snapped[y0:y1, x0:x1] = comp == at
+    return snapped
+
+
+def click_segment(
+    image, labels, point_level0, *, label_id: int, remove: bool = False, prediction=None, level: int = 0,
+    neighbourhood: int = NEIGHBOURHOOD, L: int = CLICK_L, refiner=None, device: str = "cpu",
+) -> RefineEdit:  # fmt: skip
+    """Segment the object under a click and paint it with ``label_id`` (or, with ``remove``, erase it).
+
+    Parameters
+    ----------
+    image : Pyramid or array (level 0). labels : (Y, X) integer array, the labels frame (not modified).
+    point_level0 : (y, x) click in level-0 pixels.
+    prediction : optional (Y, X) predicted labels in the labels frame; its region under the click is the seed.
+    level : working level; neighbourhood : its side in working-level px.
+
+    Returns a ``RefineEdit`` over the neighbourhood window of the labels frame.
+    """
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    t0 = time.perf_counter()
+    if label_id <= 0 and not remove:
+        raise UhrsegError("Choose a label id above 0 to paint with (0 is 'unlabelled').")
+    pyramid = open_pyramid(image)
+    labels_shape = tuple(labels.shape[:2])
+    level_shape = pyramid.level_shape(level)
+    level_ds = coords.level_scale(pyramid.shape, level_shape)
+    labels_ds = coords.level_scale(pyramid.shape, labels_shape)
+    py, px = (float(v) for v in coords.from_level0(np.asarray(point_level0, float), level_ds))
+    if not (0 <= py < level_shape[0] and 0 <= px < level_shape[1]):
+        raise UhrsegError(f"The click at {tuple(np.round(point_level0, 1))} (level-0 px) is outside the image.")
+    half = neighbourhood // 2
+    win = coords.clip_box((int(py) - half, int(px) - half, int(py) + half, int(px) + half), level_shape)
+    wy0, wx0, wy1, wx1 = (int(v) for v in win)
+    window = pyramid.read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
+    point = (int(py) - wy0, int(px) - wx0)
+    lab_box = coords.box_to_window(coords.between_levels(win, level_ds, labels_ds), labels_shape)
+    ly0, lx0, ly1, lx1 = lab_box
+
+    def to_work(a):  # a labels-frame window → working-level window (nearest: labels are categories)
+        a = np.asarray(a[ly0:ly1, lx0:lx1])
+        return a if a.shape == window.shape[:2] else cv2.resize(a, window.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+
+    before = np.asarray(labels[ly0:ly1, lx0:lx1]).copy()
+    seed = None
+    if remove:
+        current = to_work(labels)
+        if current[point] == 0:
+            raise UhrsegError("Nothing to remove here: Shift-click on a labelled object.")
+        seed = predicted_region(current, point)
+    elif prediction is not None:
+        seed = predicted_region(to_work(prediction), point)
+    if seed is None:
+        seed = grow_region(window, point)
+    snapped = _snap(refiner or default_refiner(device), window, seed, point, L)
+    if not snapped.any():
+        raise UhrsegError("No object could be found under the click: click inside the object, or zoom in.")
+    if snapped.shape != before.shape:
+        snapped = cv2.resize(snapped.astype(np.uint8), before.shape[::-1], interpolation=cv2.INTER_NEAREST) > 0
+    after = before.copy()
+    if remove:
+        cls = before[int(np.clip(point[0] * before.shape[0] / window.shape[0], 0, before.shape[0] - 1)),
+                     int(np.clip(point[1] * before.shape[1] / window.shape[1], 0, before.shape[1] - 1))]  # fmt: skip
+        after[snapped & (before == cls)] = 0
+    else:
+        after[snapped] = label_id
+    return RefineEdit(lab_box, before, after, int(np.count_nonzero(after != before)), time.perf_counter() - t0)

@@ -1,0 +1,158 @@
+"""Brushed-region refinement: CascadePSP inside the pixels a user brushed, nowhere else.
+
+Frames: ``labels`` and ``region`` share one pixel frame, the *labels frame* — level 0 of the image, or any
+pyramid level whose shape they have (the factor is read from the shapes with ``io.coords.level_scale``). The
+refiner runs at the *working level* ``level`` of the image pyramid. The result is a window of the labels frame
+(``RefineEdit.box``) with the labels before and after, which a caller writes back in one step (one undo step in
+napari).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from napari_uhrseg.errors import UhrsegError
+from napari_uhrseg.io import coords
+
+DEFAULT_MARGIN = 64  # working-level px around the brushed box: context for the refiner on every side
+MAX_REGION_SIDE = 4096  # working-level px; a larger brushed box is refused (minutes of CPU, GBs of memory)
+MIN_BRUSHED_PIXELS = 4  # fewer brushed pixels is almost surely a stray click
+
+
+@dataclass
+class RefineEdit:
+    """One refinement, ready to be written back.
+
+    box: ``(y0, x0, y1, x1)`` in the labels frame; before/after: the labels inside ``box``; ``after`` differs
+    from ``before`` only at brushed pixels. changed: number of pixels whose label changed.
+    """
+
+    box: tuple[int, int, int, int]
+    before: np.ndarray
+    after: np.ndarray
+    changed: int
+    seconds: float = 0.0
+
+    def apply(self, labels) -> None:
+        """Write ``after`` into ``labels`` (numpy or zarr) at ``box``."""
+        y0, x0, y1, x1 = self.box
+        labels[y0:y1, x0:x1] = self.after
+
+
+@functools.lru_cache(maxsize=4)
+def default_refiner(device: str = "cpu"):
+    """The shipped class-agnostic ``fast`` CascadePSP (loaded once per device)."""
+    from napari_uhrseg.methods.cascadepsp import CascadePSP
+
+    return CascadePSP.from_checkpoint(None, device=device)
+
+
+def _as_pyramid(image):
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    return open_pyramid(image)
+
+
+def brushed_box(region) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(y0, x0, y1, x1)`` of the non-zero pixels of ``region`` (numpy, zarr or dask), or None."""
+    if hasattr(region, "chunks") and not isinstance(region, np.ndarray):
+        import dask.array as da
+
+        arr = da.from_array(region) if not isinstance(region, da.Array) else region
+        rows = np.flatnonzero(np.asarray((arr != 0).any(axis=1)))
+        cols = np.flatnonzero(np.asarray((arr != 0).any(axis=0)))
+    else:
+        region = np.asarray(region)
+        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _region_in_frame(region, labels_shape) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
+    """``region`` as (mask or None, box) in the labels frame; a box tuple stands for a filled rectangle."""
+    if isinstance(region, (tuple, list)) and len(region) == 4:
+        raw = tuple(int(round(v)) for v in region)
+        box = coords.box_to_window(raw, labels_shape)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise UhrsegError(
+                f"The region {raw} lies outside the image ({labels_shape[0]}×{labels_shape[1]} px): "
+                "brush over the image itself."
+            )
+        return None, box
+    if tuple(region.shape[:2]) != tuple(labels_shape):
+        raise UhrsegError(
+            f"The refine brush is {region.shape[0]}×{region.shape[1]} px but the labels are "
+            f"{labels_shape[0]}×{labels_shape[1]} px: brush on a layer of the same size (the 'refine brush' layer)."
+        )
+    box = brushed_box(region)
+    if box is None:
+        raise UhrsegError("Nothing is brushed: paint over the border to refine with the 'refine brush' layer, then Refine.")
+    return region, box
+
+
+def refine_region(
+    image, labels, region, *, level: int = 0, fast: bool = False, L: int = 900, margin: int = DEFAULT_MARGIN,
+    refiner=None, device: str = "cpu", max_side: int = MAX_REGION_SIDE, cancel=None, progress=None,
+) -> RefineEdit:  # fmt: skip
+    """Refine every class present around the brushed pixels; only brushed pixels change.
+
+    Parameters
+    ----------
+    image : Pyramid or array (H, W[, C]) — level 0 of the image (grayscale/16-bit converted to RGB 8-bit).
+    labels : (Y, X) integer array (numpy or zarr), the labels frame; not modified here.
+    region : (Y, X) brush mask in the labels frame (non-zero = brushed), or a box ``(y0, x0, y1, x1)`` there.
+    level : working level of the pyramid the refiner sees.
+    fast, L : CascadePSP global-only mode and its global-step size.
+    margin : context around the brushed box, in working-level pixels.
+    """
+    import time
+
+    t0 = time.perf_counter()
+    pyramid = _as_pyramid(image)
+    labels_shape = tuple(labels.shape[:2])
+    mask, box = _region_in_frame(region, labels_shape)
+    brushed = None if mask is None else np.asarray(mask[box[0] : box[2], box[1] : box[3]]) != 0
+    if brushed is not None and np.count_nonzero(brushed) < MIN_BRUSHED_PIXELS:
+        raise UhrsegError(
+            f"Only {np.count_nonzero(brushed)} pixel(s) brushed: brush along the border to refine "
+            f"(at least {MIN_BRUSHED_PIXELS} pixels)."
+        )
+    if not 0 <= level < len(pyramid.levels):
+        raise UhrsegError(f"Working level {level} does not exist: {pyramid.name} has levels 0..{len(pyramid.levels) - 1}.")
+    labels_ds = coords.level_scale(pyramid.shape, labels_shape)  # level-0 px per labels-frame px
+    level_ds = coords.level_scale(pyramid.shape, pyramid.level_shape(level))
+    work = coords.box_to_window(coords.between_levels(box, labels_ds, level_ds), pyramid.level_shape(level))
+    work = coords.clip_box((work[0] - margin, work[1] - margin, work[2] + margin, work[3] + margin),
+                           pyramid.level_shape(level))  # fmt: skip
+    wy0, wx0, wy1, wx1 = (int(v) for v in work)
+    if max(wy1 - wy0, wx1 - wx0) > max_side:
+        raise UhrsegError(
+            f"The brushed area is {wy1 - wy0}×{wx1 - wx0} px at working level {level} (at most {max_side}² px is "
+            "refined at once): brush a smaller area, or choose a coarser working level."
+        )
+    # The labels read for context cover the working window, mapped back to the labels frame.
+    lab_win = coords.box_to_window(coords.between_levels(work, level_ds, labels_ds), labels_shape)
+    ly0, lx0, ly1, lx1 = lab_win
+    lab_ctx = np.asarray(labels[ly0:ly1, lx0:lx1])
+    if not np.any(lab_ctx):
+        raise UhrsegError("There are no labels around the brushed area: paint or segment the object first "
+                          "(or use click-to-segment), then brush its border and Refine.")  # fmt: skip
+    window = pyramid.read_region(level, wy0, wx0, wy1 - wy0, wx1 - wx0)
+    lab_work = cv2.resize(lab_ctx, (wx1 - wx0, wy1 - wy0), interpolation=cv2.INTER_NEAREST) \
+        if lab_ctx.shape != window.shape[:2] else lab_ctx  # fmt: skip
+    refiner = refiner or default_refiner(device)
+    refined = refiner.refine_labels(window, lab_work, fast=fast, L=L, cancel=cancel, progress=progress)
+    refined_ctx = cv2.resize(refined, (lx1 - lx0, ly1 - ly0), interpolation=cv2.INTER_NEAREST) \
+        if refined.shape != lab_ctx.shape else refined  # fmt: skip
+    # Back to the brushed box only (the box lies inside the context window).
+    by0, bx0, by1, bx1 = box
+    before = lab_ctx[by0 - ly0 : by1 - ly0, bx0 - lx0 : bx1 - lx0].copy()
+    after = before.copy()
+    new = refined_ctx[by0 - ly0 : by1 - ly0, bx0 - lx0 : bx1 - lx0].astype(before.dtype)
+    write = np.ones(before.shape, bool) if brushed is None else brushed
+    after[write] = new[write]
+    return RefineEdit(box, before, after, int(np.count_nonzero(after != before)), time.perf_counter() - t0)

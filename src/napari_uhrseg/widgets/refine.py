@@ -1,0 +1,204 @@
+"""Refine dock: brush a ragged border and press Refine; or click on objects to segment them (click mode).
+
+Thin on purpose: it only finds the layers, turns clicks into level-0 points, runs
+``engine.refine.refine_region`` / ``engine.click.click_segment`` in a ``thread_worker`` and writes the returned
+``RefineEdit`` into the labels layer with ``Labels.data_setitem`` inside ``block_history()`` — one undo step.
+"""
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
+)  # fmt: skip
+
+BRUSH_NAME = "refine brush"
+
+
+class RefineWidget(QWidget):
+    """Refine / click-to-segment dock. ``synchronous`` (tests) runs jobs on the calling thread."""
+
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.synchronous = False
+        self.refiner = None  # loaded on first use (the shipped fast CascadePSP)
+        self.last_edit = None
+        self._busy = False
+        self._click_on = False
+
+        self.image_combo, self.labels_combo = QComboBox(), QComboBox()
+        self.fast_check = QCheckBox("fast mode (global step only)")
+        self.L_spin = QSpinBox(minimum=64, maximum=4096, value=900)
+        self.level_spin = QSpinBox(minimum=0, maximum=20, value=0)
+        self.brush_button = QPushButton("Add refine brush")
+        self.refine_button = QPushButton("Refine")
+        self.click_button = QPushButton("Click mode", checkable=True)
+        self.status = QLabel("Brush over a border, then Refine. Click mode: click adds, Shift-click removes, Esc leaves.")
+        self.status.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("labels", self.labels_combo)
+        form.addRow("L (global step px)", self.L_spin)
+        form.addRow("working level", self.level_spin)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        for w in (self.fast_check, self.brush_button, self.refine_button, self.click_button, self.status):
+            layout.addWidget(w)
+        layout.addStretch(1)
+
+        self.brush_button.clicked.connect(self.add_brush_layer)
+        self.refine_button.clicked.connect(self.refine)
+        self.click_button.toggled.connect(self.set_click_mode)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.bind_key("Escape", self._escape, overwrite=True)
+        self._refresh_layers()
+
+    # ------------------------------------------------------------------------------------- layers
+    def _refresh_layers(self, *_):
+        from napari.layers import Image, Labels
+
+        for combo, kind in ((self.image_combo, Image), (self.labels_combo, Labels)):
+            current = combo.currentText()
+            combo.clear()
+            combo.addItems([l.name for l in self.viewer.layers if isinstance(l, kind) and l.name != BRUSH_NAME])
+            if current:
+                combo.setCurrentText(current)
+
+    def _layer(self, combo):
+        name = combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _image_data(self, layer):
+        """Level 0 of the image layer (a list of levels for multiscale layers)."""
+        return layer.data[0] if layer.multiscale else layer.data
+
+    def add_brush_layer(self):
+        labels = self._layer(self.labels_combo)
+        if labels is None:
+            return self._say("Choose a labels layer first.")
+        if BRUSH_NAME not in self.viewer.layers:
+            brush = self.viewer.add_labels(np.zeros(labels.data.shape, np.uint8), name=BRUSH_NAME,
+                                           scale=labels.scale, translate=labels.translate, opacity=0.4)  # fmt: skip
+            brush.mode = "paint"
+            brush.brush_size = 20
+        return self.viewer.layers[BRUSH_NAME]
+
+    # ------------------------------------------------------------------------------------- jobs
+    def _say(self, text: str):
+        self.status.setText(text)
+
+    def _run(self, job, done):
+        """Run ``job()`` off the GUI thread; ``done(result)`` applies it. Errors become the status line."""
+        from napari_uhrseg.errors import UhrsegError
+
+        def failed(exc):
+            self._busy = False
+            self._say(str(exc) if isinstance(exc, UhrsegError) else f"{type(exc).__name__}: {exc}")
+
+        def finished(result):
+            self._busy = False
+            done(result)
+
+        if self._busy:
+            return self._say("Still working on the previous edit…")
+        self._busy = True
+        if self.synchronous:
+            try:
+                result = job()
+            except Exception as exc:  # noqa: BLE001 — shown to the user, labels untouched
+                return failed(exc)
+            return finished(result)
+        from napari.qt.threading import thread_worker
+
+        worker = thread_worker(job)()
+        worker.returned.connect(finished)
+        worker.errored.connect(failed)
+        worker.start()
+        return worker
+
+    def _refiner(self):
+        if self.refiner is None:
+            from napari_uhrseg.engine.refine import default_refiner
+
+            self.refiner = default_refiner("cpu")
+        return self.refiner
+
+    def apply_edit(self, labels_layer, edit):
+        """Write a ``RefineEdit`` into the layer as one undo step."""
+        self.last_edit = edit
+        y0, x0, _, _ = edit.box
+        rows, cols = np.nonzero(edit.after != edit.before)
+        if rows.size:
+            with labels_layer.block_history():
+                labels_layer.data_setitem((rows + y0, cols + x0), edit.after[rows, cols])
+        self._say(f"Changed {edit.changed} px in {edit.seconds:.2f} s (Ctrl+Z undoes).")
+
+    def refine(self):
+        from napari_uhrseg.engine.refine import refine_region
+
+        image, labels = self._layer(self.image_combo), self._layer(self.labels_combo)
+        brush = self.viewer.layers[BRUSH_NAME] if BRUSH_NAME in self.viewer.layers else None
+        if image is None or labels is None or brush is None:
+            return self._say("Choose an image and a labels layer, add the refine brush and paint over the border.")
+        if labels.multiscale:
+            return self._say("Multiscale labels cannot be edited in napari: use a single-scale labels layer.")
+        data, lab, region = self._image_data(image), labels.data, brush.data
+        fast, L, level = self.fast_check.isChecked(), self.L_spin.value(), self.level_spin.value()
+
+        def job():
+            return refine_region(data, lab, region, level=level, fast=fast, L=L, refiner=self._refiner())
+
+        def done(edit):
+            self.apply_edit(labels, edit)
+            brush.data = np.zeros_like(brush.data)
+
+        self._say("Refining…")
+        return self._run(job, done)
+
+    # ------------------------------------------------------------------------------------- click mode
+    def set_click_mode(self, on: bool):
+        image = self._layer(self.image_combo)
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+            self._say("Click mode: click adds, Shift-click removes, Esc leaves.")
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+            self._say("Click mode off.")
+        self._click_on = on
+        if self.click_button.isChecked() != on:
+            self.click_button.setChecked(on)
+        return image
+
+    def _escape(self, viewer=None):
+        self.set_click_mode(False)
+
+    def _on_click(self, viewer, event):
+        # A press that is followed by moves is a pan, not a click.
+        yield
+        moved = False
+        while event.type == "mouse_move":
+            moved = True
+            yield
+        if not moved:
+            self.click_at(event.position, remove="Shift" in event.modifiers)
+
+    def click_at(self, world_position, *, remove: bool = False):
+        """Segment the object at a world position (napari coordinates) of the image layer."""
+        from napari_uhrseg.engine.click import click_segment
+
+        image, labels = self._layer(self.image_combo), self._layer(self.labels_combo)
+        if image is None or labels is None:
+            return self._say("Choose an image and a labels layer for click mode.")
+        # Level-0 pixel coordinates of the click: the image layer's data coordinates (level 0 for multiscale).
+        point = np.asarray(image.world_to_data(world_position))[-2:]
+        data, lab, label_id = self._image_data(image), labels.data, int(labels.selected_label)
+        level = self.level_spin.value()
+
+        def job():
+            return click_segment(data, lab, point, label_id=label_id, remove=remove, level=level,
+                                 refiner=self._refiner())  # fmt: skip
+
+        self._say("Segmenting…")
+        return self._run(job, lambda edit: self.apply_edit(labels, edit))

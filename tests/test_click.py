@@ -1,0 +1,107 @@
+"""Click-to-segment (engine.click): seeds, snapping, painting, removing, level-0 clicks, bad clicks."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from napari_uhrseg.engine.click import click_segment, grow_region, predicted_region
+from napari_uhrseg.errors import UhrsegError
+from napari_uhrseg.methods.cascadepsp import CascadePSP
+
+
+class EchoDouble(torch.nn.Module):
+    """Test double of the network: returns the seed mask (isolates seeding, boxes and painting)."""
+
+    def forward(self, image, seg, inter_s8=None, inter_s4=None):
+        out = seg * 10
+        return {k: out for k in ("s8_1", "s8_2", "s4_2", "s8_3", "s4_3", "full")}
+
+
+def _disk_scene(size=400, centre=(180, 220), r=60):
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(200, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disk = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
+    image[disk] = np.clip(rng.normal((60, 90, 140), 12, (disk.sum(), 3)), 0, 255).astype(np.uint8)
+    return image, disk
+
+
+def _iou(a, b):
+    return (a & b).sum() / (a | b).sum()
+
+
+def test_grown_seed_finds_the_object():
+    image, disk = _disk_scene()
+    seed = grow_region(image, (180, 220))
+    assert _iou(seed, disk) > 0.85
+
+
+def test_predicted_region_is_the_component_under_the_click():
+    pred = np.zeros((50, 50), np.uint8)
+    pred[5:15, 5:15] = 2
+    pred[30:40, 30:40] = 2
+    region = predicted_region(pred, (10, 10))
+    assert region.sum() == 100 and region[10, 10] and not region[35, 35]
+    assert predicted_region(pred, (20, 20)) is None
+
+
+def test_click_paints_the_object_with_the_label_id_as_one_edit():
+    image, disk = _disk_scene()
+    labels = np.zeros(disk.shape, np.uint8)
+    edit = click_segment(image, labels, (180.5, 220.5), label_id=3, refiner=CascadePSP(EchoDouble()))
+    assert not labels.any()  # input untouched; the caller applies the edit
+    out = labels.copy()
+    edit.apply(out)
+    assert _iou(out == 3, disk) > 0.85
+    assert set(np.unique(out)) == {0, 3}
+
+
+def test_shift_click_removes_only_that_label():
+    image, disk = _disk_scene()
+    labels = np.zeros(disk.shape, np.uint8)
+    labels[disk] = 3
+    labels[:20, :20] = 5
+    edit = click_segment(image, labels, (180, 220), label_id=3, remove=True, refiner=CascadePSP(EchoDouble()))
+    out = labels.copy()
+    edit.apply(out)
+    assert not (out == 3).any() and (out == 5).sum() == 400
+
+
+def test_prediction_seeds_the_click():
+    image, disk = _disk_scene()
+    prediction = np.zeros(disk.shape, np.uint8)
+    prediction[150:210, 190:250] = 1  # a square prediction: the echo refiner keeps it
+    edit = click_segment(image, np.zeros_like(prediction), (180, 220), label_id=1, prediction=prediction,
+                         refiner=CascadePSP(EchoDouble()))
+    out = np.zeros_like(prediction)
+    edit.apply(out)
+    assert np.array_equal(out.astype(bool), prediction.astype(bool))
+
+
+def test_click_in_level0_coordinates_on_a_coarser_working_level():
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    image, disk = _disk_scene()
+    big = cv2.resize(image, (1600, 1600), interpolation=cv2.INTER_NEAREST)
+    pyr = open_pyramid(big)
+    if len(pyr.levels) < 2:
+        pytest.skip("open_pyramid builds no coarser level for this size")
+    labels0 = np.zeros((1600, 1600), np.uint8)
+    edit = click_segment(pyr, labels0, (720, 880), label_id=2, level=1, refiner=CascadePSP(EchoDouble()))
+    out = labels0.copy()
+    edit.apply(out)
+    disk0 = cv2.resize(disk.astype(np.uint8), (1600, 1600), interpolation=cv2.INTER_NEAREST) > 0
+    assert _iou(out == 2, disk0) > 0.8
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"point": (-5, 10)}, "outside the image"),
+    ({"label_id": 0}, "label id"),
+    ({"remove": True}, "Nothing to remove"),
+])
+def test_bad_clicks(kwargs, message):
+    image, disk = _disk_scene(size=120, centre=(60, 60), r=20)
+    point = kwargs.pop("point", (60, 60))
+    kwargs.setdefault("label_id", 1)
+    with pytest.raises(UhrsegError, match=message):
+        click_segment(image, np.zeros((120, 120), np.uint8), point, refiner=CascadePSP(EchoDouble()), **kwargs)

@@ -1,0 +1,46 @@
+"""The perturbed-mask generator: IoU targets, determinism, degenerate masks."""
+import numpy as np
+import pytest
+
+from napari_uhrseg.engine.perturb import mask_iou, perturb_mask, random_dilate_erode, subsample_contours
+
+
+def _disk(size=96, r=30):
+    yy, xx = np.mgrid[:size, :size]
+    return ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= r * r).astype(np.uint8)
+
+
+def test_iou_lands_near_target_range():
+    gt = _disk()
+    ious = [mask_iou(perturb_mask(gt, rng=s), gt) for s in range(6)]
+    assert all(0.6 < i < 1.0 for i in ious), ious
+    assert np.mean(ious) < 0.97  # the masks really are degraded
+    assert min(ious) < 0.9
+
+
+def test_target_iou_is_respected_by_dilate_erode():
+    gt = _disk()
+    rng = np.random.default_rng(0)
+    seg = random_dilate_erode(gt.copy(), gt, 0.85, rng)
+    assert mask_iou(seg, gt) < 0.85
+    assert mask_iou(seg, gt) > 0.5  # it stops as soon as the target is crossed
+
+
+def test_deterministic_by_seed_and_binary():
+    gt = _disk()
+    a, b = perturb_mask(gt, rng=3), perturb_mask(gt, rng=3)
+    assert np.array_equal(a, b)
+    assert set(np.unique(a)) <= {0, 1}
+    assert not np.array_equal(perturb_mask(gt, rng=4), a)
+
+
+def test_contour_subsampling_is_coarser_but_same_object():
+    gt = _disk()
+    sub = subsample_contours(gt, np.random.default_rng(0))
+    assert 0.7 < mask_iou(sub, gt) < 1.0
+
+
+@pytest.mark.parametrize("gt", [np.zeros((50, 50), np.uint8), np.ones((2, 40), np.uint8), np.ones((30, 30), np.uint8)])
+def test_degenerate_masks(gt):
+    out = perturb_mask(gt, rng=0)
+    assert out.shape == gt.shape and out.dtype == np.uint8

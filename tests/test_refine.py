@@ -1,0 +1,120 @@
+"""Brushed-region refinement (engine.refine) and `uhrseg refine`: only brushed pixels change; bad input."""
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_uhrseg.engine.refine import refine_region
+from napari_uhrseg.errors import UhrsegError
+from napari_uhrseg.methods.cascadepsp import CascadePSP, RefinementModule, save_refiner
+
+
+class GrowDouble(torch.nn.Module):
+    """Test double of the network: the refined mask is the input dilated by 4 px (a visible, known change)."""
+
+    def forward(self, image, seg, inter_s8=None, inter_s4=None):
+        out = F.max_pool2d(seg, 9, stride=1, padding=4) * 10
+        return {k: out for k in ("s8_2", "s4_2", "s8_3", "s4_3", "full")}
+
+
+@pytest.fixture
+def scene():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    labels = np.zeros((300, 300), np.uint8)
+    labels[100:200, 100:200] = 1
+    brush = np.zeros((300, 300), np.uint8)
+    brush[120:180, 190:215] = 1  # across the right edge of the square
+    return image, labels, brush
+
+
+def test_only_brushed_pixels_change(scene):
+    image, labels, brush = scene
+    keep = labels.copy()
+    edit = refine_region(image, labels, brush, refiner=CascadePSP(GrowDouble()))
+    assert np.array_equal(labels, keep)  # the input is never modified
+    assert edit.box == (120, 190, 180, 215)
+    out = labels.copy()
+    edit.apply(out)
+    changed = out != labels
+    assert changed.any() and not changed[brush == 0].any()
+    assert np.all(out[120:180, 200:204] == 1) and np.all(out[120:180, 205:215] == 0)  # grown by 4 px
+    assert edit.changed == int(changed.sum())
+
+
+def test_working_level_of_a_pyramid(scene):
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    image, labels, brush = scene
+    big = cv2.resize(image, (1200, 1200), interpolation=cv2.INTER_NEAREST)
+    pyr = open_pyramid(big)
+    if len(pyr.levels) < 2:
+        pytest.skip("open_pyramid builds no coarser level for this size")
+    lab0 = cv2.resize(labels, (1200, 1200), interpolation=cv2.INTER_NEAREST)
+    brush0 = cv2.resize(brush, (1200, 1200), interpolation=cv2.INTER_NEAREST)
+    edit = refine_region(pyr, lab0, brush0, level=1, refiner=CascadePSP(GrowDouble()))
+    out = lab0.copy()
+    edit.apply(out)
+    assert not (out != lab0)[brush0 == 0].any()
+    ds = pyr.downsamples[1]
+    grown = np.flatnonzero(out[600] == 1)  # grows by 4 working px = 4·ds level-0 px
+    assert grown.max() + 1 == pytest.approx(800 + 4 * ds, abs=ds)
+
+
+def test_grayscale_and_16bit_images_work(scene):
+    image, labels, brush = scene
+    gray16 = (image[..., 0].astype(np.uint16) * 200)
+    edit = refine_region(gray16, labels, brush, refiner=CascadePSP(GrowDouble()))
+    assert edit.changed > 0
+
+
+@pytest.mark.parametrize(
+    "make_region, message",
+    [
+        (lambda b: np.zeros_like(b), "Nothing is brushed"),
+        (lambda b: np.ones((10, 10), np.uint8), "same size"),
+        (lambda b: (400, 400, 500, 500), "outside the image"),
+        (lambda b: np.pad(np.ones((1, 1), np.uint8), ((150, 149), (150, 149))), "pixel"),
+    ],
+    ids=["empty", "wrong-size", "outside", "one-pixel"],
+)
+def test_bad_regions_are_refused_with_a_message(scene, make_region, message):
+    image, labels, brush = scene
+    keep = labels.copy()
+    with pytest.raises(UhrsegError, match=message):
+        refine_region(image, labels, make_region(brush), refiner=CascadePSP(GrowDouble()))
+    assert np.array_equal(labels, keep)
+
+
+def test_whole_slide_region_is_refused_and_empty_labels_too(scene):
+    image, labels, brush = scene
+    with pytest.raises(UhrsegError, match="coarser working level"):
+        refine_region(image, labels, np.ones_like(brush), refiner=CascadePSP(GrowDouble()), max_side=256)
+    with pytest.raises(UhrsegError, match="no labels"):
+        refine_region(image, np.zeros_like(labels), brush, refiner=CascadePSP(GrowDouble()))
+
+
+def test_cli_refine(tmp_path, scene, capsys):
+    from napari_uhrseg.cli import main
+
+    image, labels, brush = scene
+    paths = {k: str(tmp_path / f"{k}.png") for k in ("image", "labels", "brush")}
+    paths["out"] = str(tmp_path / "out.ome.tif")
+    cv2.imwrite(paths["image"], image[..., ::-1])
+    cv2.imwrite(paths["labels"], labels)
+    cv2.imwrite(paths["brush"], brush)
+    torch.manual_seed(0)
+    ckpt = save_refiner(tmp_path / "r.pt", RefinementModule("fast", pretrained=False), "fast")
+    rc = main(["refine", paths["image"], "--mask", paths["labels"], "-o", paths["out"], "--region", paths["brush"],
+               "--fast", "--margin", "8", "--checkpoint", str(ckpt)])
+    assert rc == 0
+    from napari_uhrseg.io.labels import open_label_store
+
+    out = np.asarray(open_label_store(paths["out"]).array)
+    assert out.shape == labels.shape
+    assert np.array_equal(out[brush == 0], labels[brush == 0])
+    cv2.imwrite(paths["brush"], np.zeros_like(brush))
+    rc = main(["refine", paths["image"], "--mask", paths["labels"], "-o", paths["out"], "--region", paths["brush"],
+               "--checkpoint", str(ckpt)])
+    assert rc == 2 and "Nothing is brushed" in capsys.readouterr().err
