@@ -1,0 +1,116 @@
+"""The Export dock in a real viewer: every format written from the dock, re-opened and compared with the layer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_uhrseg.widgets.state import get_state, write_classes
+
+pytestmark = pytest.mark.gui
+NAMES = ["unlabelled", "stroma", "tumour", "fat"]
+COLORS = ["black", (0.0, 0.8, 0.0), (1.0, 0.0, 1.0), (1.0, 1.0, 0.0)]
+
+
+@pytest.fixture(autouse=True)
+def _private_folders(monkeypatch, tmp_path):
+    monkeypatch.setenv("UHRSEG_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("UHRSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+
+
+def _scene_labels():
+    data = np.zeros((180, 260), np.uint8)
+    data[10:60, 20:120] = 1
+    data[30:50, 40:80] = 2  # a hole-making island inside class 1
+    data[100:170, 150:250] = 3
+    data[120:140, 10:30] = 2
+    return data
+
+
+@pytest.fixture
+def dock(make_napari_viewer):
+    from napari_uhrseg.widgets.export import ExportWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((360, 520), np.uint8), name="slide", scale=(0.25, 0.25))
+    labels = viewer.add_labels(_scene_labels(), name="slide labels", scale=(0.5, 0.5))  # working level 1
+    write_classes(labels, NAMES, COLORS)
+    state = get_state(viewer)
+    state.image_layer, state.labels_layer = image, labels
+    return ExportWidget(viewer)
+
+
+def _export(qtbot, dock, path, fmt):
+    dock.set_format(fmt)
+    dock.path_edit.setText(str(path))
+    with qtbot.waitSignal(dock.finished, timeout=20000) as blocker:
+        dock.start_export()
+    return blocker.args[0]
+
+
+def test_format_choice_fixes_the_suffix(dock, tmp_path):
+    dock.path_edit.setText(str(tmp_path / "a.ome.tif"))
+    for fmt, suffix in [("png", ".png"), ("ome-zarr", ".ome.zarr"), ("geojson", ".geojson"), ("ome-tiff", ".ome.tif")]:
+        dock.set_format(fmt)
+        assert dock.path_edit.text() == str(tmp_path / f"a{suffix}")
+
+
+def test_dock_reads_classes_and_pixel_size_from_layers(dock):
+    assert dock.classes_edit.text() == ", ".join(NAMES)
+    assert dock.pixel_edit.text() == "0.25, 0.25"
+    args = dock.export_arguments()
+    assert args["downsample"] == 2.0 and args["pixel_size"] == (0.25, 0.25)
+    assert args["class_colors"][2] == [255, 0, 255] and args["class_colors"][1] == [0, 204, 0]
+
+
+@pytest.mark.parametrize("fmt", ["ome-tiff", "ome-zarr", "png", "geojson"])
+def test_export_each_format_and_reopen(qtbot, dock, tmp_path, fmt):
+    from napari_uhrseg.io.export import FORMATS
+    from napari_uhrseg.io.geojson import rasterize
+    from napari_uhrseg.io.labels import open_label_store
+
+    assert fmt in FORMATS
+    dock.unit_edit.setText("µm")
+    suffix = {"ome-tiff": ".ome.tif", "ome-zarr": ".ome.zarr", "png": ".png", "geojson": ".geojson"}[fmt]
+    result = _export(qtbot, dock, tmp_path / f"out{suffix}", fmt)
+    assert not isinstance(result, BaseException), result
+    assert result.exists() and dock.status.text().startswith("Exported")
+    expected = _scene_labels()
+    if fmt == "geojson":
+        doc = json.loads(result.read_text())
+        names = doc["properties"]["class_names"]
+        assert names == NAMES
+        # coordinates are level-0 pixels: the labels are at downsample 2
+        back = rasterize(doc["features"], expected.shape, names, scale=(2.0, 2.0))
+        np.testing.assert_array_equal(back, expected)
+        tumour = [f for f in doc["features"] if f["properties"]["classification"]["name"] == "tumour"]
+        assert len(tumour) == 2 and tumour[0]["properties"]["classification"]["color"] == [255, 0, 255]
+        return
+    store = open_label_store(result, writable=False)
+    np.testing.assert_array_equal(np.asarray(store.array[:]), expected)
+    assert store.class_names == NAMES
+    colors = store.class_colors
+    colors = [colors[k] for k in range(4)] if isinstance(colors, dict) else colors
+    assert [list(c[:3]) for c in colors][1:3] == [[0, 204, 0], [255, 0, 255]]
+    if fmt == "ome-tiff":
+        assert store.info["pixel_size"] == (0.5, 0.5)  # a label pixel is two level-0 pixels of 0.25 µm
+    if fmt == "ome-zarr":
+        import zarr
+
+        attrs = zarr.open_group(str(result), mode="r").attrs.asdict()
+        assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.5, 0.5]
+
+
+def test_errors_are_notified_and_previous_file_is_kept(qtbot, dock, tmp_path, monkeypatch):
+    errors = []
+    monkeypatch.setattr("napari.utils.notifications.show_error", errors.append)
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"previous export")
+    dock.pixel_edit.setText("abc")
+    result = _export(qtbot, dock, target, "png")
+    assert isinstance(result, Exception) and "not a number" in errors[-1]
+    dock.pixel_edit.setText("0.25")
+    result = _export(qtbot, dock, tmp_path / "missing" / "out.png", "png")
+    assert isinstance(result, Exception) and "does not exist" in errors[-1]
+    assert target.read_bytes() == b"previous export" and dock.export_button.isEnabled()
