@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", help="training / accuracy device")
     p.add_argument("--time-device", default="cpu", help="device for the seconds-per-window figures")
     p.add_argument("--time-threads", type=int, default=2)
+    p.add_argument("--train-threads", type=int, help="torch CPU threads while training (default: all cores)")
     p.add_argument("--checkpoint", help="evaluate this checkpoint instead of training")
     p.add_argument("--out", default="bench_out/grnet_deepglobe.pt")
     p.add_argument("--rules", default="threshold:0.5,topk:2,topk:4,topk:6")
@@ -132,7 +133,9 @@ def main(argv=None) -> int:
     from napari_uhrseg.device import select_device
 
     dev = select_device(args.device)
-    print(f"device: {dev.describe()}; torch {torch.__version__}", flush=True)
+    if args.train_threads:
+        torch.set_num_threads(args.train_threads)
+    print(f"device: {dev.describe()}; torch {torch.__version__}; {torch.get_num_threads()} threads", flush=True)
     ckpt = Path(args.checkpoint) if args.checkpoint else train(args, dev.device)
     test_ids = deepglobe_split()["test"]
     tiles = [load_deepglobe_tile(i) for i in test_ids]
