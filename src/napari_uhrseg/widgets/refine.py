@@ -3,6 +3,10 @@
 Thin on purpose: it only finds the layers, turns clicks into level-0 points, runs
 ``engine.refine.refine_region`` / ``engine.click.click_segment`` in a ``thread_worker`` and writes the returned
 ``RefineEdit`` into the labels layer with ``Labels.data_setitem`` inside ``block_history()`` — one undo step.
+
+Keyboard shortcuts (bound on the viewer while the dock exists; none of them is a napari default, see
+``SHORTCUTS``): ``K`` toggles click mode, ``Shift+B`` selects the refine brush layer in paint mode (adding it
+if needed), ``Shift+R`` runs Refine, ``Escape`` leaves click mode.
 """
 from __future__ import annotations
 
@@ -12,6 +16,14 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 BRUSH_NAME = "refine brush"
+
+#: The dock's keys → what they do (docs/user-guide.md lists them; tests check napari binds none of them).
+SHORTCUTS = {
+    "K": "toggle click mode",
+    "Shift+B": "refine brush: select the brush layer in paint mode (added if missing)",
+    "Shift+R": "Refine the brushed area",
+    "Escape": "leave click mode",
+}
 
 
 class RefineWidget(QWidget):
@@ -25,15 +37,20 @@ class RefineWidget(QWidget):
         self.last_edit = None
         self._busy = False
         self._click_on = False
+        self._escape_grab = None  # (layer, its own Escape binding or None) while click mode holds Escape there
 
         self.image_combo, self.labels_combo = QComboBox(), QComboBox()
         self.fast_check = QCheckBox("fast mode (global step only)")
         self.L_spin = QSpinBox(minimum=64, maximum=4096, value=900)
         self.level_spin = QSpinBox(minimum=0, maximum=20, value=0)
-        self.brush_button = QPushButton("Add refine brush")
-        self.refine_button = QPushButton("Refine")
-        self.click_button = QPushButton("Click mode", checkable=True)
-        self.status = QLabel("Brush over a border, then Refine. Click mode: click adds, Shift-click removes, Esc leaves.")
+        self.brush_button = QPushButton("Refine brush (Shift+B)")
+        self.refine_button = QPushButton("Refine (Shift+R)")
+        self.click_button = QPushButton("Click mode (K)", checkable=True)
+        self.brush_button.setToolTip("Select the refine brush layer in paint mode (added if missing)")
+        self.refine_button.setToolTip("CascadePSP refines the labels inside the brushed area only")
+        self.click_button.setToolTip("A click segments the object under it; Shift-click removes; K or Esc leaves")
+        self.status = QLabel("Brush over a border (Shift+B), then Refine (Shift+R). Click mode (K): click adds, "
+                             "Shift-click removes, K or Esc leaves.")
         self.status.setWordWrap(True)
         form = QFormLayout()
         form.addRow("image", self.image_combo)
@@ -46,13 +63,60 @@ class RefineWidget(QWidget):
             layout.addWidget(w)
         layout.addStretch(1)
 
-        self.brush_button.clicked.connect(self.add_brush_layer)
+        self.brush_button.clicked.connect(self.activate_brush)
         self.refine_button.clicked.connect(self.refine)
         self.click_button.toggled.connect(self.set_click_mode)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
-        self.viewer.bind_key("Escape", self._escape, overwrite=True)
+        self._bind_keys()
         self._refresh_layers()
+
+    # ------------------------------------------------------------------------------------- keys
+    def _bind_keys(self):
+        """Bind ``SHORTCUTS`` on the viewer (active whatever layer is selected); unbound when the dock goes."""
+        actions = {"K": self.toggle_click_mode, "Shift+B": self.activate_brush, "Shift+R": self.refine,
+                   "Escape": self._escape}
+        viewer = self.viewer
+
+        def on_key(action):
+            def pressed(_viewer):
+                action()  # nothing returned: napari treats a returned generator as a press/release pair
+
+            return pressed
+
+        for key, action in actions.items():
+            viewer.bind_key(key, on_key(action), overwrite=True)
+
+        def unbind(*_):
+            from napari.utils.key_bindings import coerce_keybinding
+
+            for key in actions:
+                viewer.keymap.pop(coerce_keybinding(key), None)
+            viewer.layers.selection.events.active.disconnect(self._grab_escape)
+            self._click_on = False
+            self._grab_escape()  # gives a grabbed Escape back
+
+        self.destroyed.connect(unbind)
+        viewer.layers.selection.events.active.connect(self._grab_escape)
+
+    def _grab_escape(self, *_):
+        """napari gives the selected layer's keys precedence over the viewer's, and Labels and Shapes layers bind
+        Escape themselves (polygon reset, end of drawing: no-ops in the pan/zoom mode click mode puts them in).
+        So while click mode is on, Escape is bound on the selected layer too, and given back when it goes off."""
+        from napari.utils.key_bindings import coerce_keybinding
+
+        key = coerce_keybinding("Escape")
+        if self._escape_grab is not None:
+            layer, previous = self._escape_grab
+            self._escape_grab = None
+            if previous is None:
+                layer.keymap.pop(key, None)
+            else:
+                layer.keymap[key] = previous
+        layer = self.viewer.layers.selection.active
+        if self._click_on and layer is not None:
+            self._escape_grab = (layer, layer.keymap.get(key))
+            layer.bind_key("Escape", lambda _layer: self._escape(), overwrite=True)
 
     # ------------------------------------------------------------------------------------- layers
     def _refresh_layers(self, *_):
@@ -83,6 +147,18 @@ class RefineWidget(QWidget):
             brush.mode = "paint"
             brush.brush_size = 20
         return self.viewer.layers[BRUSH_NAME]
+
+    def activate_brush(self):
+        """The refine brush, ready to paint: added if missing, selected, in paint mode; click mode off."""
+        brush = self.add_brush_layer()
+        if brush is None:
+            return None
+        self.set_click_mode(False)
+        self.viewer.layers.selection.active = brush
+        brush.selected_label = 1
+        brush.mode = "paint"
+        self._say("Brush over the ragged border, then Refine (Shift+R).")
+        return brush
 
     # ------------------------------------------------------------------------------------- jobs
     def _say(self, text: str):
@@ -162,14 +238,27 @@ class RefineWidget(QWidget):
         callbacks = self.viewer.mouse_drag_callbacks
         if on and self._on_click not in callbacks:
             callbacks.append(self._on_click)
-            self._say("Click mode: click adds, Shift-click removes, Esc leaves.")
+            self._stop_painting()
+            self._say("Click mode: click adds, Shift-click removes, K or Esc leaves.")
         elif not on and self._on_click in callbacks:
             callbacks.remove(self._on_click)
             self._say("Click mode off.")
         self._click_on = on
+        self._grab_escape()
         if self.click_button.isChecked() != on:
             self.click_button.setChecked(on)
         return image
+
+    def toggle_click_mode(self):
+        self.set_click_mode(not self._click_on)
+
+    def _stop_painting(self):
+        """In click mode a click must not also paint: a Labels layer that is selected leaves its drawing mode."""
+        from napari.layers import Labels
+
+        layer = self.viewer.layers.selection.active
+        if isinstance(layer, Labels) and str(layer.mode) not in ("pan_zoom", "transform"):
+            layer.mode = "pan_zoom"
 
     def _escape(self, viewer=None):
         self.set_click_mode(False)
