@@ -33,7 +33,13 @@ MAX_TRAIN_PIXELS = 64 * 2**20
 @dataclass
 class TrainingSettings:
     """What the user chooses. ``crop``: training crop side in training-level pixels (also the window the
-    model is made for); ``val_every``: steps between validations (None: a tenth of the run, at least 5)."""
+    model is made for); ``val_every``: steps between validations (None: a tenth of the run, at least 5).
+
+    Frozen-backbone mode (``frozen_backbone``) with ``feature_cache``: the crops come from a fixed pool of
+    ``crop_pool`` augmented crops around the strokes (one replaced every ``pool_refresh`` steps; 0 = never) and
+    each crop's backbone features are computed once and kept (at most ``cache_mb`` MiB; see
+    ``engine.feature_cache``). ``init``: a checkpoint to start from (MagNet: a GRNet or MagNet checkpoint giving
+    the backbone; CascadePSP: the refiner to fine-tune, default the shipped one)."""
 
     iterations: int = 200
     lr: float | None = None  # None: the preset's
@@ -45,6 +51,11 @@ class TrainingSettings:
     device: str = "cpu"
     seed: int = 0
     val_every: int | None = None
+    feature_cache: bool = True
+    crop_pool: int = 32
+    pool_refresh: int = 0
+    cache_mb: int = 384
+    init: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validation_interval(self) -> int:
@@ -194,20 +205,53 @@ def _grnet_builder(items, class_names, class_colors, settings: TrainingSettings,
     data = RandomCrops(train_items, crop, ignore_zero=True, seed=settings.seed)
     val = validation_windows(val_items, crop, ignore_zero=True, limit=4)
     model = GRNet(cfg, len(class_names) - 1, pretrained=not resume_meta)
+    cache = None
     if settings.frozen_backbone:
         freeze_backbones(model.global_branch.backbone, model.refine_branch.backbone, model.ppn.backbone)
+        # The saliency map multiplies the R-branch's input: while it learns, that input depends on the G-branch's
+        # current output, so the frozen R-branch backbone would still run (and back-propagate) on every patch of
+        # every step. Frozen mode keeps it at what it starts from (identity for a new model).
+        model.saliency.requires_grad_(False)
+        if settings.feature_cache:
+            from napari_uhrseg.engine.feature_cache import CropPool, FeatureCache
+
+            data = CropPool(data, settings.crop_pool, seed=settings.seed, refresh_every=settings.pool_refresh)
+            cache = FeatureCache(settings.cache_mb * 2**20)
     round_steps = max(2, settings.iterations // 8)
     trainer = GRNetTrainer(model, cfg, data, val, class_names=class_names, class_colors=class_colors,
                            ignore_index=0, total_steps=settings.iterations, batch_size=cfg["batch_size"],
                            device=settings.device, round_steps=round_steps,
                            extra_meta={"trained_on": "scribbles in napari",
                                        "frozen_backbone": settings.frozen_backbone})
+    if cache is not None:
+        def attach():  # after a resumed session has loaded its weights (the checks below read them)
+            gb, pb, rb = model.global_branch.backbone, model.ppn.backbone, model.refine_branch.backbone
+            cache.attach(gb, keep=range(1, gb.num_stages), slot="global")  # the FPN reads strides 4..32
+            if not cache.share(pb, gb):  # the PPN's trunk is usually the G-branch's, cut short
+                cache.attach(pb, keep=[-1], slot="ppn")
+            if not bool(model.saliency.weight.any()):  # constant saliency: the R-branch input is the patch
+                # With zero (frozen) weights the saliency's gradient with respect to the G-branch probabilities is
+                # exactly zero, so detaching its output changes no gradient; it tells autograd (and the cache) that
+                # the R-branch input needs none, so the patches' features can be served from the cache.
+                model.saliency.register_forward_hook(_detach_if_constant)
+                cache.attach(rb, keep=range(1, rb.num_stages), slot="refine")
+
+        trainer.train_step = cache.wrap(trainer.train_step, attach)
+        trainer.validate = cache.wrap(trainer.validate, attach)
+        trainer.feature_cache = cache
 
     def make_method():
         return GRNetMethod(model, class_names, ignore_index=0, settings=trainer.settings, device=settings.device,
                            meta={"window": crop})
 
     return trainer, settings.iterations, make_method
+
+
+def _detach_if_constant(module, _inputs, output):
+    """Forward hook of a frozen conv whose weights are all zero: its output (bias only) is a constant."""
+    if not module.weight.requires_grad and not bool(module.weight.any()):
+        return output.detach()
+    return None
 
 
 def freeze_backbones(*backbones) -> None:
