@@ -156,3 +156,24 @@ def test_current_view_maps_napari_corner_pixels_through_the_displayed_level():
     assert view_box_level0(layer) == (40.0, 20.0, 84.0, 124.0)
     single = SimpleNamespace(corner_pixels=np.array([[0, 3, 7], [0, 9, 12]]), multiscale=False)
     assert view_box_level0(single) == (3.0, 7.0, 10.0, 13.0)  # leading non-spatial axis ignored
+
+
+def test_the_dock_follows_the_shared_checkpoint_and_takes_its_window(setup, tmp_path):
+    """A checkpoint trained (or loaded) in another dock becomes the Segment dock's choice, and the window spin
+    takes the window the checkpoint was made for."""
+    import torch
+
+    from napari_uhrseg.methods.base import read_checkpoint_meta, save_checkpoint
+    from napari_uhrseg.widgets.state import get_state
+
+    viewer, widget, layer, pyr, truth = setup
+    meta = dict(read_checkpoint_meta(write_channel_checkpoint(tmp_path / "base.pt")), window=96)
+    trained = save_checkpoint(tmp_path / "trained.pt", {"dummy": torch.zeros(1)}, meta)
+    widget.method_combo.setCurrentText("grnet")
+    state = get_state(viewer)
+    state.method = "test-channels"  # what the Train dock sets when a round ends
+    state.checkpoint = str(trained)
+    assert widget.method_combo.currentText() == "test-channels"
+    assert widget.checkpoint_path() == str(trained) and widget.window_spin.value() == 96
+    result = widget.segment(sync=True)
+    assert result.windows_total > 1 and max(max(shape) for shape in widget._method.calls) == 96

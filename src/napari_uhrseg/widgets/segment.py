@@ -56,6 +56,10 @@ class SegmentWidget(QWidget):
         self._build()
         self._on_image_changed()
         self._on_method_changed()
+        self._window_from_checkpoint()
+        # A checkpoint trained or loaded in another dock (Train, Checkpoints) becomes this dock's choice.
+        self.state.events.method.connect(self._follow_state)
+        self.state.events.checkpoint.connect(self._follow_state)
 
     # ------------------------------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -114,6 +118,7 @@ class SegmentWidget(QWidget):
         self.image_combo.currentIndexChanged.connect(self._on_image_changed)
         self.method_combo.currentTextChanged.connect(self._on_method_changed)
         self.level_spin.valueChanged.connect(self._show_level)
+        self.checkpoint_combo.currentIndexChanged.connect(self._window_from_checkpoint)
         self.segment_button.clicked.connect(lambda: self.segment())
         self.cancel_button.clicked.connect(self.cancel)
 
@@ -158,6 +163,27 @@ class SegmentWidget(QWidget):
             self.checkpoint_combo.addItem(info.describe(), str(info.path))
         if self.state.checkpoint and self.state.method == self.method_combo.currentText():
             self.set_checkpoint(self.state.checkpoint)
+
+    def _follow_state(self, *_) -> None:
+        """Show the shared method and checkpoint (the one just trained, or loaded in the Checkpoints dock)."""
+        method = self.state.method
+        if method and self.method_combo.findText(method) >= 0 and method != self.method_combo.currentText():
+            self.method_combo.setCurrentText(method)  # lists that method's checkpoints, the shared one chosen
+        elif self.state.checkpoint and method == self.method_combo.currentText():
+            self.set_checkpoint(self.state.checkpoint)
+
+    def _window_from_checkpoint(self, *_) -> None:
+        """Segment with the window the checkpoint was made for (GRNet records it as ``window``), when it says."""
+        from napari_uhrseg.cli.segment import starter_checkpoint
+        from napari_uhrseg.methods.base import read_checkpoint_meta
+
+        try:
+            path = self.checkpoint_path() or starter_checkpoint(self.method_combo.currentText())
+            window = read_checkpoint_meta(path).get("window") if path else None
+        except Exception:  # noqa: BLE001 - a bad checkpoint is reported when Segment is pressed
+            return
+        if window:
+            self.window_spin.setValue(int(window))
 
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a checkpoint", "", "Checkpoints (*.pt)")
