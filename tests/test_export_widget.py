@@ -114,3 +114,33 @@ def test_errors_are_notified_and_previous_file_is_kept(qtbot, dock, tmp_path, mo
     result = _export(qtbot, dock, tmp_path / "missing" / "out.png", "png")
     assert isinstance(result, Exception) and "does not exist" in errors[-1]
     assert target.read_bytes() == b"previous export" and dock.export_button.isEnabled()
+
+
+@pytest.mark.parametrize("suffix", [".ome.tif", ".png", ".geojson"])
+def test_file_save_keeps_classes_colours_and_pixel_size_of_a_segment_layer(make_napari_viewer, tmp_path, suffix):
+    """File › Save with the plugin's writers, on a layer made like the Segment dock's (classes in ``features``,
+    colours in the colormap, working level in ``metadata["uhrseg_downsample"]``, the image's units)."""
+    from napari_uhrseg.io.geojson import rasterize
+    from napari_uhrseg.io.labels import open_label_store
+
+    viewer = make_napari_viewer()
+    labels = viewer.add_labels(_scene_labels(), name="slide labels", scale=(0.5, 0.5),
+                               units=("micrometer", "micrometer"), metadata={"uhrseg_downsample": (2.0, 2.0)})
+    write_classes(labels, NAMES, COLORS)
+    viewer.layers.selection.active = labels
+    path = tmp_path / f"saved{suffix}"
+    assert viewer.layers.save(str(path), selected=True, plugin="napari-uhrseg") == [str(path)]
+    if suffix == ".geojson":
+        doc = json.loads(path.read_text())
+        assert doc["properties"]["class_names"] == NAMES
+        np.testing.assert_array_equal(rasterize(doc["features"], labels.data.shape, NAMES, scale=(2.0, 2.0)),
+                                      labels.data)  # level-0 coordinates: the labels are at downsample 2
+        return
+    store = open_label_store(path, writable=False)
+    np.testing.assert_array_equal(np.asarray(store.array[:]), labels.data)
+    assert store.class_names == NAMES
+    colors = store.class_colors
+    colors = [colors[k] for k in range(4)] if isinstance(colors, dict) else colors
+    assert [list(c[:3]) for c in colors][1:3] == [[0, 204, 0], [255, 0, 255]]
+    if suffix == ".ome.tif":
+        assert store.info["pixel_size"] == (0.5, 0.5) and store.info.get("pixel_unit") in ("µm", "um")
