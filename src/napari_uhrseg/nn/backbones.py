@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from napari_uhrseg.errors import CheckpointError
-from napari_uhrseg.nn.efficientnet_lite import LITE0_TAP_BLOCKS, LITE0_TAP_CHANNELS, EfficientNetLite0, lite0_weights_path
+from napari_uhrseg.nn.efficientnet_lite import LITE0_TAP_BLOCKS, EfficientNetLite0, lite0_weights_path
 from napari_uhrseg.nn.resnet import ResNet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,7 +115,7 @@ def _widen_input(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 
 
 def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool | str | os.PathLike = True,
-                   output_stride: int = 32, num_stages: int = 5) -> Backbone:
+                   output_stride: int = 32, num_stages: int = 5, num_blocks: int | None = None) -> Backbone:
     """Build a feature extractor.
 
     Parameters
@@ -125,6 +125,8 @@ def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool | str | 
     pretrained : True (shipped / found ImageNet weights), False (random init) or a path to a state dict.
     output_stride : 32, 16 or 8; below 32 the last stride-2 stages are dilated instead.
     num_stages : how many maps (strides 2..32) to compute; 4 drops the last stage (e.g. PPN's ResNet-18).
+    num_blocks : EfficientNet-Lite0 only: keep this many MBConv blocks (default: up to the last tap); the last
+        map is then the output of the last block kept (8 blocks: the 80-channel stage in place of the 112 one).
     """
     name = name.lower().replace("-", "_")
     if output_stride not in (8, 16, 32):
@@ -144,7 +146,12 @@ def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool | str | 
         channels = trunk.stage_channels
     elif name in ("efficientnet_lite0", "lite0"):
         name = "efficientnet_lite0"
-        num_blocks = 16 if num_stages == 5 else LITE0_TAP_BLOCKS[num_stages - 1] + 1
+        reach = 16 if num_stages == 5 else LITE0_TAP_BLOCKS[num_stages - 1] + 1
+        if num_blocks is None:
+            num_blocks = reach
+        floor = LITE0_TAP_BLOCKS[num_stages - 2] + 1 if num_stages > 1 else 1  # past the previous tap
+        if not floor <= num_blocks <= reach:
+            raise ValueError(f"num_blocks {num_blocks} does not fit {num_stages} Lite0 stages (at most {reach})")
         trunk = EfficientNetLite0(output_stride=output_stride, num_blocks=num_blocks)
         if pretrained is not False and pretrained is not None:
             path = lite0_weights_path() if pretrained is True else pretrained
@@ -152,7 +159,7 @@ def build_backbone(name: str, *, in_channels: int = 3, pretrained: bool | str | 
         trunk._conv_stem = _widen_input(trunk._conv_stem, in_channels)
         trunk.drop_classifier()  # features only (1.7 M parameters less)
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-        channels = LITE0_TAP_CHANNELS
+        channels = trunk.tap_channels(num_stages)
     else:
         raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}.")
     extra = in_channels - 3

@@ -76,9 +76,18 @@ class EfficientNetLite0(nn.Module):
             self._dropout = nn.Dropout(0.2)
             self._fc = nn.Linear(1280, num_classes)
 
+    def taps(self, num_stages: int = 5) -> tuple[int, ...]:
+        """Blocks whose outputs are returned: 0, 2, 4, 10, 15 (strides 2, 4, 8, 16, 32 undilated), the first
+        ``num_stages``; a truncated trunk returns its last block in place of a tap it does not reach."""
+        last = len(self._blocks) - 1
+        return tuple(min(t, last) for t in LITE0_TAP_BLOCKS[:num_stages])
+
+    def tap_channels(self, num_stages: int = 5) -> list[int]:
+        return [self._blocks[t]._project_conv.out_channels for t in self.taps(num_stages)]
+
     def forward_features(self, x: torch.Tensor, num_stages: int = 5) -> list[torch.Tensor]:
         """Maps after blocks 0, 2, 4, 10, 15 (strides 2, 4, 8, 16, 32 undilated); the first ``num_stages``."""
-        taps = LITE0_TAP_BLOCKS[:num_stages]
+        taps = self.taps(num_stages)
         x = self.act(self._bn0(self._conv_stem(x)))
         feats = []
         for i, block in enumerate(self._blocks):
