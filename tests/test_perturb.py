@@ -44,3 +44,36 @@ def test_contour_subsampling_is_coarser_but_same_object():
 def test_degenerate_masks(gt):
     out = perturb_mask(gt, rng=0)
     assert out.shape == gt.shape and out.dtype == np.uint8
+
+
+def _nuclei(size=400, r=9, step=40):
+    """A field of small discs (~18 px across), like MoNuSeg nuclei."""
+    yy, xx = np.mgrid[:size, :size]
+    gt = np.zeros((size, size), np.uint8)
+    for cy in range(step // 2, size, step):
+        for cx in range(step // 2, size, step):
+            gt[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    return gt
+
+
+def test_small_objects_are_perturbed_on_an_enlarged_copy_and_land_in_range():
+    from napari_uhrseg.engine.perturb import median_object_diameter, object_scale, perturb_at_scale
+
+    gt = _nuclei()
+    assert 17 < median_object_diameter(gt) < 20
+    assert object_scale(gt) == pytest.approx(64 / median_object_diameter(gt))
+    assert object_scale(_disk(size=200, r=60)) == 1.0  # large objects: the recipe as published
+    direct = [mask_iou(perturb_mask(gt, iou_range=(0.82, 0.9), rng=s), gt) for s in range(3)]
+    scaled = [mask_iou(perturb_at_scale(gt, iou_range=(0.82, 0.9), rng=s), gt) for s in range(3)]
+    assert max(direct) < 0.75  # at their own size the nuclei are wrecked far below the target
+    assert all(0.7 < v < 0.92 for v in scaled), scaled
+    out = perturb_at_scale(gt, rng=0)
+    assert out.shape == gt.shape and set(np.unique(out)) <= {0, 1}
+
+
+def test_object_scale_is_area_weighted_so_specks_do_not_count():
+    from napari_uhrseg.engine.perturb import object_scale
+
+    gt = _disk(size=300, r=100)
+    gt[::20, ::20] = 1  # 225 one-pixel specks around one big object
+    assert object_scale(gt) == 1.0
