@@ -166,15 +166,15 @@ def test_one_concat_order_for_training_and_inference():
 
     net.calls.clear()
     net.eval()
-    scaled = mg.to_tensor(image)[:, :32, :32]
-    previous = probs_const([0.123, 0.3, 0.577], (32, 32))
+    window = mg.WindowPixels(image)  # 64² window; the scale is 32², the previous canvas 16², crops 16²
+    previous = probs_const([0.123, 0.3, 0.577], (16, 16))
     with torch.no_grad():
-        mg.refine_scale(net, scaled, previous, schedule, (16, 16))
+        mg.refine_scale(net, window, previous, (32, 32), schedule, (16, 16))
     coarse_i, fine_i = net.calls[-1]
     assert torch.allclose(coarse_i[:, 0], torch.full_like(coarse_i[:, 0], 0.123), atol=1e-4)
-    with torch.no_grad():  # the last patch of the 2×2 grid, predicted by the backbone itself
-        expected_fine = net.segment(scaled[None, :, 16:, 16:])
-    assert coarse_i.shape[0] == 4 and torch.allclose(fine_i[-1:], expected_fine, atol=1e-5)
+    with torch.no_grad():  # the last patch of the 2×2 grid (window pixels 32..64), predicted by the backbone itself
+        expected_fine = net.segment(mg._resize(mg.to_tensor(image)[None, :, 32:, 32:], (16, 16)))
+    assert coarse_i.shape[0] == 4 and torch.allclose(fine_i[-1:], expected_fine, atol=3e-3)
 
 
 def test_fast_mode_keeps_the_most_uncertain_patches():
@@ -182,15 +182,18 @@ def test_fast_mode_keeps_the_most_uncertain_patches():
     previous = probs_const([0.98, 0.01, 0.01], shape)
     previous[:, 16:, :16] = probs_const([0.4, 0.35, 0.25], (16, 16))  # patch 2: most uncertain
     previous[:, :16, 16:] = probs_const([0.6, 0.3, 0.1], (16, 16))  # patch 1: second
-    scores, keep = mg._select_patches(previous, mg.patch_boxes(shape, crop), n_patches=2)
-    assert keep == [1, 2]
+    scores = mg.patch_scores(previous, mg.patch_boxes(shape, crop), shape)
+    assert mg.select_patches(scores, n_patches=2) == [1, 2]
     assert scores[2] > scores[1] > scores[0] == pytest.approx(scores[3])
+    # ranked on the previous stage's (here 2× smaller) canvas: the same order
+    small = mg._resize(previous[None], (16, 16))[0]
+    assert mg.select_patches(mg.patch_scores(small, mg.patch_boxes(shape, crop), shape), 2) == [1, 2]
 
     net = tiny_net()
     schedule = mg.Schedule("t", (0.5, 1.0), 1.0, n_patches=1, n_points=1.0, median_kernel=1)
-    image = torch.zeros(3, *shape)
+    window = mg.WindowPixels(np.zeros((*shape, 3), np.uint8))
     with torch.no_grad():
-        new, record = mg.refine_scale(net, image, previous, schedule, crop)
+        new, record = mg.refine_scale(net, window, previous, shape, schedule, crop)
     selected = [p["box"] for p in record["patches"] if p["selected"]]
     assert selected == [(16, 0, 32, 16)]
     assert record["replaced"][:16].sum() == 0 and record["replaced"][:, 16:].sum() == 0
@@ -216,7 +219,8 @@ def test_overlapping_patches_are_averaged(monkeypatch):
     assert mg.patch_starts(40, 16) == [0, 12, 24]
     previous = probs_const([0.5, 0.5], shape)
     with torch.no_grad():
-        new, record = mg.refine_scale(net, torch.zeros(3, *shape), previous, schedule, crop, batch_size=1)
+        new, record = mg.refine_scale(net, mg.WindowPixels(np.zeros((*shape, 3), np.uint8)), previous, shape,
+                                      schedule, crop, batch_size=1)
     assert bool(record["replaced"].all())
     row = new[0, 8].numpy()
     np.testing.assert_allclose(row[:12], 0.9, atol=1e-5)
@@ -257,13 +261,13 @@ def test_method_predict_artefacts_and_fast_is_cheaper(monkeypatch):
     full = mg.MagNet(net, ["a", "b", "c"], normalisation=norm)
     fast = mg.MagNetFast(net, ["a", "b", "c"], normalisation=norm)
     calls = {"n": 0}
-    original = net.refine
+    original = mg.InferenceNet.refine
 
-    def counting(coarse, fine):
+    def counting(self, coarse, fine):
         calls["n"] += coarse.shape[0]
-        return original(coarse, fine)
+        return original(self, coarse, fine)
 
-    monkeypatch.setattr(net, "refine", counting)
+    monkeypatch.setattr(mg.InferenceNet, "refine", counting)
     pred = full.predict(window)
     n_full, calls["n"] = calls["n"], 0
     pred_fast = fast.predict(window)

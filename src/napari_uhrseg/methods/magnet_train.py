@@ -21,14 +21,13 @@ from napari_uhrseg.methods.magnet import (
     SCHEDULES,
     MagNetNet,
     Schedule,
+    WindowPixels,
     _input_shape,
     _scale_shapes,
     build_net,
     get_schedule,
     normalisation_of,
     patch_boxes,
-    to_tensor,
-    _resize,
 )
 
 # The paper trains the refiner with SGD lr 1e-3, momentum 0.9, weight decay 5e-4, batch 8, 50 epochs.
@@ -44,11 +43,13 @@ def _crop_box(scale: tuple[int, int], crop: tuple[int, int], window_shape: tuple
 
 
 def _read_crop(image: np.ndarray, labels: np.ndarray, box, size: tuple[int, int]):
-    """Window-pixel ``box`` of an RGB image and its labels, resized to ``size`` (area / nearest)."""
+    """Window-pixel ``box`` of an RGB image, resampled to ``size`` exactly as inference reads a patch
+    (``WindowPixels``: antialiased bilinear from the window's pixels) as a float ``(3, h, w)`` tensor, and its
+    labels (nearest) as an array."""
     import cv2
 
     y0, x0, y1, x1 = (int(round(v)) for v in box)
-    rgb = cv2.resize(image[y0:y1, x0:x1], (size[1], size[0]), interpolation=cv2.INTER_AREA)
+    rgb = WindowPixels(image).read([(y0, x0, y1, x1)], size)[0]
     lab = cv2.resize(labels[y0:y1, x0:x1], (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
     return rgb, lab
 
@@ -82,8 +83,8 @@ def backbone_batch(samples, schedule: Schedule, rng, batch_size: int):
         box = _crop_box(scales[rng.integers(len(scales))], crop, image.shape[:2], rng)
         rgb, lab = _read_crop(image, labels, box, size)
         if rng.random() < 0.5:
-            rgb, lab = rgb[:, ::-1], lab[:, ::-1]
-        images.append(to_tensor(rgb))
+            rgb, lab = rgb.flip(-1), lab[:, ::-1]
+        images.append(rgb)
         targets.append(torch.from_numpy(lab.astype(np.int64)))
     return torch.stack(images), torch.stack(targets)
 
@@ -96,7 +97,7 @@ def coarse_predictions(net: MagNetNet, samples, schedule: Schedule) -> list[torc
     out = []
     for image, _ in samples:
         crop = _scale_shapes(image.shape[:2], schedule)[0]
-        x = _resize(to_tensor(image)[None], _input_shape(crop, schedule))
+        x = WindowPixels(image).read([(0, 0, *image.shape[:2])], _input_shape(crop, schedule))
         out.append(net.segment(x)[0])
     return out
 
@@ -115,9 +116,9 @@ def refiner_batch(net: MagNetNet, samples, coarse, schedule: Schedule, rng, batc
         rgb, lab = _read_crop(image, labels, box, size)
         c = _crop_probabilities(coarse[i], box, image.shape[:2], size)
         if rng.random() < 0.5:
-            rgb, lab, c = rgb[:, ::-1], lab[:, ::-1], c.flip(-1)
+            rgb, lab, c = rgb.flip(-1), lab[:, ::-1], c.flip(-1)
         coarse_in.append(c)
-        images.append(to_tensor(rgb))
+        images.append(rgb)
         targets.append(torch.from_numpy(lab.astype(np.int64)))
     with torch.no_grad():
         fine = net.segment(torch.stack(images))
