@@ -129,6 +129,33 @@ def test_geojson_coordinates_are_level0_pixels(tmp_path):
     np.testing.assert_array_equal(back, lab)
 
 
+def test_rasterize_agrees_with_skimage_and_takes_any_polygon(tmp_path):
+    """The parity fill of pixel-edge polygons gives what skimage's centre test gives; other polygons (a QuPath
+    triangle, a shape crossing the image border) still go through skimage."""
+    from skimage.draw import polygon as fill
+
+    lab = _labels((330, 350), seed=3)
+    fc = json.loads(export_labels(lab, tmp_path / "l.geojson", class_names=NAMES).read_text())
+    by_skimage = np.zeros(lab.shape, np.uint8)
+    for f in fc["features"]:
+        (y0, x0), mask = geojson._fill_rings([np.asarray(r, float) for r in f["geometry"]["coordinates"]], lab.shape)
+        by_skimage[mask] = NAMES.index(f["properties"]["classification"]["name"])
+    np.testing.assert_array_equal(by_skimage, lab)
+    np.testing.assert_array_equal(geojson.rasterize(fc["features"], lab.shape, NAMES), lab)
+
+    def feat(name, ring):
+        return {"properties": {"classification": {"name": name}}, "geometry": {"coordinates": [ring]}}
+
+    triangle = [[2.0, 3.0], [40.5, 3.0], [2.0, 30.0], [2.0, 3.0]]
+    border = [[-5, 20], [70, 20], [70, 45], [-5, 45], [-5, 20]]  # pixel edges, partly outside a 60 x 64 image
+    out = geojson.rasterize([feat("urban", triangle), feat("water", border)], (60, 64), NAMES)
+    expected = np.zeros((60, 64), np.uint8)
+    rr, cc = fill(np.array([3.0, 3.0, 30.0]) - 0.5, np.array([2.0, 40.5, 2.0]) - 0.5, expected.shape)
+    expected[rr, cc] = 1
+    expected[20:45, :] = 2
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_exports_stream_in_strips(tmp_path, small_strips):
     """No exporter reads more than one strip of rows at a time (bounded memory whatever the size)."""
     lab = _labels((700, 900))

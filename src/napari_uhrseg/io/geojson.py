@@ -253,19 +253,65 @@ def rasterize(features: list[dict], shape, class_names: list[str], scale=(1.0, 1
     """Labels from polygon features by pixel centres (the inverse of the export, for checks and imports).
 
     ``scale`` = (dy, dx) divides the coordinates (level-0 → label pixels). Class values come from the position of
-    each feature's classification name in ``class_names``.
-    """
-    from skimage.draw import polygon as fill
+    each feature's classification name in ``class_names``. Later features overwrite earlier ones.
 
+    Pixel-edge polygons (what the export writes: axis-parallel edges on whole label pixels) are filled by
+    even-odd parity of their vertical edges over the feature's bounding box, in time linear in the box;
+    any other polygon goes through ``skimage.draw.polygon``.
+    """
     out = np.zeros(shape, np.uint16 if len(class_names) > 256 else np.uint8)
     index = {n: i for i, n in enumerate(class_names)}
     for f in features:
         k = index[f["properties"]["classification"]["name"]]
-        rings = f["geometry"]["coordinates"]
-        mask = np.zeros(shape, bool)
-        for i, ring in enumerate(rings):
-            pts = np.asarray(ring, np.float64)
-            rr, cc = fill(pts[:, 1] / scale[0] - 0.5, pts[:, 0] / scale[1] - 0.5, shape)
-            mask[rr, cc] = i == 0  # outer ring fills, holes clear
-        out[mask] = k
+        rings = [np.asarray(ring, np.float64) / (scale[1], scale[0]) for ring in f["geometry"]["coordinates"]]
+        rings = [r for r in rings if len(r)]
+        if not rings:
+            continue
+        filled = _fill_pixel_edge_rings(rings, shape)
+        if filled is None:
+            filled = _fill_rings(rings, shape)
+        (y0, x0), mask = filled
+        out[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]][mask] = k
     return out
+
+
+def _fill_rings(rings, shape):
+    """((0, 0), mask): the outer ring filled by pixel centres, holes cleared (skimage, any polygon)."""
+    from skimage.draw import polygon as fill
+
+    mask = np.zeros(shape, bool)
+    for i, pts in enumerate(rings):
+        rr, cc = fill(pts[:, 1] - 0.5, pts[:, 0] - 0.5, shape)
+        mask[rr, cc] = i == 0  # outer ring fills, holes clear
+    return (0, 0), mask
+
+
+def _fill_pixel_edge_rings(rings, shape):
+    """((y0, x0), mask over the outer ring's box) by even-odd parity, or None when an edge is not axis-parallel
+    on whole pixels. A pixel centre (r + 1/2, c + 1/2) is inside when an odd number of vertical edges at x <= c
+    span row r; holes are rings too, so they come out by the same rule."""
+    starts, ends = [], []
+    for r in rings:
+        closed = r if (r[0] == r[-1]).all() else np.vstack([r, r[:1]])
+        starts.append(closed[:-1])
+        ends.append(closed[1:])
+    a, b = np.concatenate(starts), np.concatenate(ends)
+    if not ((a == np.round(a)).all() and ((a[:, 0] == b[:, 0]) | (a[:, 1] == b[:, 1])).all()):
+        return None
+    h, w = shape
+    outer = rings[0]
+    y0, y1 = int(max(0, outer[:, 1].min())), int(min(h, outer[:, 1].max()))
+    x0, x1 = int(max(0, outer[:, 0].min())), int(min(w, outer[:, 0].max()))
+    if y1 <= y0 or x1 <= x0:
+        return (0, 0), np.zeros((0, 0), bool)
+    vertical = (a[:, 0] == b[:, 0]) & (a[:, 1] != b[:, 1])
+    a, b = a[vertical], b[vertical]
+    xs = np.clip(a[:, 0] - x0, 0, x1 - x0).astype(np.int64)
+    lo = np.clip(np.minimum(a[:, 1], b[:, 1]) - y0, 0, y1 - y0).astype(np.int64)
+    hi = np.clip(np.maximum(a[:, 1], b[:, 1]) - y0, 0, y1 - y0).astype(np.int64)
+    marks = np.zeros((y1 - y0 + 1, x1 - x0 + 1), np.int32)
+    np.add.at(marks, (lo, xs), 1)  # an edge toggles rows lo..hi-1 at its column
+    np.add.at(marks, (hi, xs), 1)
+    toggles = np.cumsum(marks, axis=0) & 1
+    inside = (np.cumsum(toggles, axis=1) & 1).astype(bool)
+    return (y0, x0), inside[: y1 - y0, : x1 - x0]
