@@ -31,7 +31,7 @@ import torch
 from napari_uhrseg import datasets
 from napari_uhrseg.engine.click import click_segment
 from napari_uhrseg.engine.perturb import mask_iou, object_scale, perturb_at_scale
-from napari_uhrseg.methods.cascadepsp import CascadePSP
+from napari_uhrseg.methods.cascadepsp import GLOBAL_L, CascadePSP
 from napari_uhrseg.metrics import RssSampler, boundary_accuracy
 
 MONUSEG_TEST = "TCGA-B0-5698-01Z-00-DX1"
@@ -113,12 +113,15 @@ def masks(args):
 
 
 def run_mode(mode, refiner, image, seg):
+    """(refined mask, seconds, local-step crops refined)."""
     t0 = time.perf_counter()
+    crops = 0
     if mode == "baseline":
         out = random_walker_snap(image, seg)
     else:
-        out = (refiner.refine(image, seg, fast=mode == "fast") > 0.5).astype(np.uint8)
-    return out, time.perf_counter() - t0
+        prob, steps = refiner.refine(image, seg, fast=mode == "fast", return_steps=True)
+        out, crops = (prob > 0.5).astype(np.uint8), steps["crops_refined"]
+    return out, time.perf_counter() - t0, crops
 
 
 def click_timing(refiner, n: int = 4) -> list[float]:
@@ -155,6 +158,8 @@ def main(argv=None) -> int:
         print("no ../shared/data (set UHRSEG_DATA): nothing to benchmark")
         return 0
     torch.set_num_threads(args.threads)
+    load_at_start = " ".join(open("/proc/loadavg").read().split()[:3])
+    print(f"start {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {load_at_start}")
     refiner = CascadePSP.from_checkpoint(args.checkpoint)
     modes = args.modes.split(",")
     stats: dict = {}
@@ -168,10 +173,12 @@ def main(argv=None) -> int:
         outs = {}
         for mode in modes:
             with RssSampler() as rss:
-                out, sec = run_mode(mode, refiner, image, seg)
+                out, sec, crops = run_mode(mode, refiner, image, seg)
             outs[mode] = out
             row[mode] = (mask_iou(out, gt), boundary_accuracy(out, gt), sec, getattr(rss, "peak_mb", float("nan")))
-            acc = stats.setdefault(ds, {}).setdefault(mode, {"i": 0, "u": 0, "mba": [], "sec": [], "rss": []})
+            acc = stats.setdefault(ds, {}).setdefault(mode, {"i": 0, "u": 0, "mba": [], "sec": [], "rss": [],
+                                                              "crops": []})  # fmt: skip
+            acc["crops"].append(crops)
             acc["i"] += np.count_nonzero(out & gt)
             acc["u"] += np.count_nonzero(out | gt)
             acc["mba"].append(row[mode][1])
@@ -180,13 +187,14 @@ def main(argv=None) -> int:
         if args.figures and "full" in modes and not stats[ds].get("figure"):
             save_figure(f"{args.figures}/cascadepsp_{ds}.png", image, gt, seg, outs["full"])
             stats[ds]["figure"] = True
-        acc = stats[ds].setdefault("before", {"i": 0, "u": 0, "mba": [], "sec": [0.0], "rss": [0.0]})
+        acc = stats[ds].setdefault("before", {"i": 0, "u": 0, "mba": [], "sec": [0.0], "rss": [0.0], "crops": [0]})
         acc["i"] += np.count_nonzero(seg & gt)
         acc["u"] += np.count_nonzero(seg | gt)
         acc["mba"].append(row["before"][1])
         print(f"{ds:9s} {name:32s} {image.shape[0]}x{image.shape[1]} before IoU {row['before'][0]:.3f} "
               f"mBA {row['before'][1]:.3f} | " + " | ".join(
-                  f"{m} {row[m][0]:.3f}/{row[m][1]:.3f} {row[m][2]:.1f}s" for m in modes), flush=True)
+                  f"{m} {row[m][0]:.3f}/{row[m][1]:.3f} {row[m][2]:.1f}s" for m in modes)
+              + f" | crops {stats[ds].get('full', {}).get('crops', ['-'])[-1]}", flush=True)
     print("\nsummary (IoU pooled, mBA mean over masks, seconds per mask, peak RSS MB)")
     summary = {}
     for ds, by_mode in stats.items():
@@ -194,16 +202,24 @@ def main(argv=None) -> int:
         for mode, a in by_mode.items():
             s = {"iou": a["i"] / max(a["u"], 1), "mba": float(np.nanmean(a["mba"])), "n": len(a["mba"]),
                  "sec_mean": float(np.mean(a["sec"])), "sec_max": float(np.max(a["sec"])),
-                 "rss_peak_mb": float(np.nanmax(a["rss"]))}
+                 "rss_peak_mb": float(np.nanmax(a["rss"])), "crops_mean": float(np.mean(a["crops"]))}
             summary[f"{ds}/{mode}"] = s
             print(f"  {ds:9s} {mode:8s} IoU {100 * s['iou']:6.2f}  mBA {100 * s['mba']:6.2f}  "
-                  f"{s['sec_mean']:6.2f} s/mask (max {s['sec_max']:.2f})  RSS {s['rss_peak_mb']:.0f} MB  n={s['n']}")
+                  f"{s['sec_mean']:6.2f} s/mask (max {s['sec_max']:.2f})  RSS {s['rss_peak_mb']:.0f} MB  n={s['n']}"
+                  + (f"  local crops/mask {s['crops_mean']:.1f}" if mode == "full" else ""))
+    if "full" in modes and "fast" in modes:
+        # Per-crop cost of the local step: (full − fast) seconds over the crops it refined, all masks pooled.
+        extra = sum(sum(b["full"]["sec"]) - sum(b["fast"]["sec"]) for b in stats.values())
+        n_crops = sum(sum(b["full"]["crops"]) for b in stats.values())
+        if n_crops:
+            summary["local_seconds_per_crop"] = extra / n_crops
+            print(f"  local step: {extra / n_crops:.2f} s per {GLOBAL_L}² crop ({n_crops} crops refined)")
     if args.clicks:
         times = click_timing(refiner, args.clicks)
         summary["click_seconds"] = times
         print(f"  click-to-segment on 1024² neighbourhoods: median {np.median(times):.2f} s, max {max(times):.2f} s")
-    print(f"threads {args.threads}; the 2 CPU cores were shared with other jobs during this run (load average "
-          f"{open('/proc/loadavg').read().split()[0]})")
+    print(f"threads {args.threads}; load average (1, 5, 15 min) at start {load_at_start}, at end "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -205,3 +205,71 @@ def test_shipped_refiner_improves_perturbed_boundaries():
         iou_after.append(mask_iou(prob > 0.5, gt))
     assert np.mean(iou_after) > np.mean(iou_before) + 0.03, (iou_before, iou_after)
     assert np.mean(after) >= np.mean(before), (before, after)
+
+
+def _with_running_stats(model, seed=0):
+    """Give every BatchNorm non-trivial running statistics and affine weights (as after training)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def test_inference_copy_folds_batchnorm_and_computes_the_same():
+    torch.manual_seed(1)
+    model = _with_running_stats(C.RefinementModule("fast", pretrained=False))
+    net = C.inference_net(model)
+    assert net is not model and C.inference_net(model) is net  # cached
+    n_bn = lambda m: sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())  # noqa: E731
+    assert n_bn(net) < n_bn(model) / 2  # backbone pairs and the second BN of each residual block folded
+    image, seg = torch.rand(1, 3, 64, 56), torch.rand(1, 1, 64, 56) * 2 - 1
+    with torch.no_grad():
+        a, b = model(image, seg), net(image, seg)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k
+    assert any(m.training is False for m in [model]) and n_bn(model) > 0  # the original is untouched
+
+
+def test_inference_copy_follows_weight_updates():
+    model = C.RefinementModule("fast", pretrained=False).eval()
+    net = C.inference_net(model)
+    with torch.no_grad():
+        model.guess_gain.add_(1.0)  # an in-place update, as an optimiser step does
+    assert C.inference_net(model) is not net
+    assert torch.equal(C.inference_net(model).guess_gain, model.guess_gain)
+
+
+def test_fold_batchnorm_covers_resnet_blocks():
+    from napari_uhrseg.nn.backbones import build_backbone
+    from napari_uhrseg.nn.fuse import fold_batchnorm
+
+    bb = _with_running_stats(build_backbone("resnet18", pretrained=False, num_stages=3))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = bb(x)
+        import copy
+
+        fused = copy.deepcopy(bb)
+        assert fold_batchnorm(fused) == 1 + 4 * 2 * 2 + 3  # stem; 4 layers × 2 blocks × 2 convs; 3 downsamples
+        out = fused(x)
+    assert all(torch.allclose(r, o, atol=1e-4) for r, o in zip(ref, out))
+
+
+def test_checkpoints_record_their_widths_and_older_ones_still_load(tmp_path):
+    old = C.LEGACY_PRESETS["fast"][0]
+    legacy = C.RefinementModule(old, pretrained=False)
+    path = C.save_refiner(tmp_path / "old.pt", legacy, "fast")
+    from napari_uhrseg.methods.base import load_checkpoint, save_checkpoint
+
+    state, meta = load_checkpoint(path, method="cascadepsp")
+    assert meta["architecture"]["up3"] == old.up3
+    meta.pop("architecture")  # as saved before the widths were recorded
+    bare = save_checkpoint(tmp_path / "bare.pt", state, meta)
+    assert C.CascadePSP.from_checkpoint(bare).model.preset == old
+    assert C.CascadePSP.from_checkpoint(path).model.preset == old
+    current = C.save_refiner(tmp_path / "new.pt", C.RefinementModule("fast", pretrained=False), "fast")
+    assert C.CascadePSP.from_checkpoint(current).model.preset == C.PRESETS["fast"]
