@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from qtpy.QtCore import Qt
 
 from _train_helpers import NAMES, scribbled_scene
 
@@ -61,6 +63,38 @@ def test_a_short_round_saves_a_checkpoint_plots_and_updates_the_view(qtbot, dock
     values = set(np.unique(preview.data).tolist())
     assert values and values <= {1, 2, 3}  # every pixel gets a class, never "unlabelled"
     assert dock.start_button.isEnabled() and not dock.stop_button.isEnabled()
+    # the GRNet just trained is what a MagNet refiner would start from (its G-branch as the backbone)
+    dock.method_combo.setCurrentText("magnet")
+    assert dock.init_path() == str(path)
+    dock.method_combo.setCurrentText("grnet")
+    assert dock.init_path() is None  # GRNet starts from ImageNet weights
+
+
+def test_the_method_list_and_a_cascadepsp_round_that_feeds_the_refine_dock(qtbot, dock):
+    from napari_uhrseg.methods.base import load_checkpoint
+    from napari_uhrseg.widgets.refine import RefineWidget
+
+    methods = [dock.method_combo.itemText(i) for i in range(dock.method_combo.count())]
+    assert {"grnet", "magnet", "cascadepsp"} <= set(methods)
+    assert "refiner" in dock.method_combo.itemData(methods.index("magnet"), Qt.ToolTipRole)
+    dock.method_combo.setCurrentText("cascadepsp")
+    assert dock.init_combo.isEnabled() and dock.init_path() is None  # None: the shipped refiner
+    dock.iterations.setValue(3)
+    dock.crop.setValue(64)
+    with qtbot.waitSignal(dock.finished, timeout=120000) as done:
+        dock.start()
+    result = done.args[0]
+    assert not isinstance(result, BaseException), result
+    path = result[0]
+    state = get_state(dock.viewer)
+    assert state.refiner_checkpoint == str(path) and state.method is None  # the segmenter choice is untouched
+    assert "scene live prediction" not in dock.viewer.layers  # a refiner segments nothing by itself
+    saved, meta = load_checkpoint(path, method="cascadepsp")
+    assert meta["trained_on"] == "scribbles in napari" and meta["painted_classes"] == NAMES
+    refine = RefineWidget(dock.viewer)
+    refiner = refine._refiner()
+    weights = refiner.model.state_dict()
+    assert all(torch.equal(weights[k].float(), v.float()) for k, v in saved.items())
 
 
 def test_stop_keeps_a_checkpoint_and_resume_goes_on(qtbot, dock):

@@ -137,7 +137,8 @@ def trainable_methods() -> list[str]:
         module = importlib.import_module(get_method(name).__module__)
         if name in _BUILDERS or hasattr(module, "build_scribble_trainer"):
             out.append(name)
-    return out
+    order = list(_BUILDERS)  # GRNet/PPN (the default segmenter) first, then the refiners; others after
+    return sorted(out, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
 def start_session(method: str, items: list, class_names, class_colors=None, *, settings: TrainingSettings,
@@ -273,4 +274,25 @@ def freeze_backbones(*backbones) -> None:
                 m.register_forward_pre_hook(keep_eval)
 
 
-_BUILDERS: dict[str, Callable] = {"grnet": _grnet_builder}
+def _magnet_builder(*args):
+    from napari_uhrseg.engine.scribble_trainers import build_magnet_trainer
+
+    return build_magnet_trainer(*args)
+
+
+def _cascadepsp_builder(*args):
+    from napari_uhrseg.engine.scribble_trainers import build_cascadepsp_trainer
+
+    return build_cascadepsp_trainer(*args)
+
+
+# MagNet-Fast shares MagNet's checkpoints (method "magnet"): training "magnet" serves both.
+_BUILDERS: dict[str, Callable] = {"grnet": _grnet_builder, "magnet": _magnet_builder,
+                                  "cascadepsp": _cascadepsp_builder}
+
+#: What each trainable method learns, for the Train dock's method list.
+DESCRIPTIONS = {
+    "grnet": "GRNet/PPN: the whole segmenter (frozen backbones by default)",
+    "magnet": "MagNet refiner: the refinement module on a frozen backbone (from a GRNet or MagNet checkpoint)",
+    "cascadepsp": "CascadePSP fine-tuning: the class-agnostic boundary refiner of the Refine dock",
+}

@@ -194,10 +194,20 @@ class RefineWidget(QWidget):
         return worker
 
     def _refiner(self):
-        if self.refiner is None:
-            from napari_uhrseg.engine.refine import default_refiner
+        """The shared refiner checkpoint (a CascadePSP fine-tuned in the Train dock), else the shipped one."""
+        from napari_uhrseg.widgets.state import get_state
 
-            self.refiner = default_refiner("cpu")
+        wanted = get_state(self.viewer).refiner_checkpoint
+        if self.refiner is None or getattr(self, "_refiner_path", None) != wanted:
+            if wanted:
+                from napari_uhrseg.methods.cascadepsp import CascadePSP
+
+                self.refiner = CascadePSP.from_checkpoint(wanted)
+            else:
+                from napari_uhrseg.engine.refine import default_refiner
+
+                self.refiner = default_refiner("cpu")
+            self._refiner_path = wanted
         return self.refiner
 
     def apply_edit(self, labels_layer, edit):

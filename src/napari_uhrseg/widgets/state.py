@@ -11,15 +11,16 @@ Usage in a dock::
 
 Fields (all optional; ``None``/empty means "not chosen yet"):
 
-==================  =======================================================================
-``image_layer``      the napari Image layer being annotated
-``labels_layer``     the napari Labels layer holding its labels (0 = unlabelled)
-``class_names``      tuple of names, index = label value (index 0 included)
-``class_colors``     tuple of RGBA float tuples, same length as ``class_names``
-``checkpoint``       path (str) of the checkpoint in use, or None
-``method``           registry name of the method in use ("grnet", "magnet", ...), or None
-``device``           "auto", "cpu", "cuda", "cuda:N" or "mps"
-==================  =======================================================================
+======================  ======================================================================================
+``image_layer``         the napari Image layer being annotated
+``labels_layer``        the napari Labels layer holding its labels (0 = unlabelled)
+``class_names``         tuple of names, index = label value (index 0 included)
+``class_colors``        tuple of RGBA float tuples, same length as ``class_names``
+``checkpoint``          path (str) of the checkpoint in use, or None
+``method``              registry name of the method in use ("grnet", "magnet", ...), or None
+``refiner_checkpoint``  path (str) of the CascadePSP checkpoint the Refine dock uses (None = the shipped one)
+``device``              "auto", "cpu", "cuda", "cuda:N" or "mps"
+======================  ======================================================================================
 
 Layers removed from the viewer are dropped from the state automatically. ``read_classes`` and
 ``write_classes`` translate between class lists and a Labels layer's ``features`` table and colormap.
@@ -52,6 +53,7 @@ class UhrsegState:
     class_colors: tuple = ()
     checkpoint: str | None = None
     method: str | None = None
+    refiner_checkpoint: str | None = None
     device: str = "auto"
 
     def set_classes(self, names, colors=None) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -45,6 +45,7 @@ from napari_uhrseg.widgets.autosave import autosave_for
 from napari_uhrseg.widgets.state import get_state, read_classes, write_classes
 
 LIVE_MAX_SIDE = 2048  # level pixels: the live preview segments at most this much of the view, around its centre
+LIVE_METHODS = ("grnet", "magnet", "magnet-fast")  # segmenters; CascadePSP only refines a mask: no live preview
 
 
 class TrainWidget(QWidget):
@@ -67,6 +68,9 @@ class TrainWidget(QWidget):
         self._live_box = None
         self._build()
         self.state.events.image_layer.connect(self.image_combo.set_layer)
+        # a checkpoint just trained (or loaded in the Checkpoints dock) is offered as the next run's start
+        self.state.events.checkpoint.connect(self._fill_init_choices)
+        self.state.events.refiner_checkpoint.connect(self._fill_init_choices)
         self.state.events.labels_layer.connect(self.labels_combo.set_layer)
         self.image_combo.set_layer(self.state.image_layer)
         self.labels_combo.set_layer(self.state.labels_layer)
@@ -75,6 +79,7 @@ class TrainWidget(QWidget):
         self.labels_combo.currentIndexChanged.connect(self._share_choice)
         self.viewer.camera.events.center.connect(self._remember_view)
         self.viewer.camera.events.zoom.connect(self._remember_view)
+        self._fill_init_choices()
         self._set_running(False)
         # Paid here, on opening the dock, rather than first in the worker, where both hold the GIL long enough to
         # freeze the viewer mid-run: importing dask and the pyramid code, and torch's one-time initialisation.
@@ -109,7 +114,19 @@ class TrainWidget(QWidget):
         classes_row.addWidget(from_layer)
 
         self.method_combo = QComboBox(self)
-        self.method_combo.addItems(_trainable())
+        for name in _trainable():
+            self.method_combo.addItem(name)
+            self.method_combo.setItemData(self.method_combo.count() - 1, _description(name), Qt.ToolTipRole)
+        self.init_combo = QComboBox(self)
+        self.init_combo.setEditable(True)
+        self.init_combo.setToolTip("the checkpoint training starts from (MagNet: a GRNet or MagNet checkpoint giving "
+                                   "the backbone; CascadePSP: the refiner to fine-tune, empty = the shipped one)")
+        init_browse = QPushButton("Browse…", self)
+        init_browse.clicked.connect(self._browse_init)
+        init_row = QHBoxLayout()
+        init_row.addWidget(self.init_combo, 1)
+        init_row.addWidget(init_browse)
+        self.method_combo.currentTextChanged.connect(self._fill_init_choices)
         self.iterations = _spin(QSpinBox(self), 1, 100000, 200)
         self.lr = _spin(QDoubleSpinBox(self), 0.0, 1.0, 0.0, decimals=6, step=1e-4)
         self.lr.setSpecialValueText("preset")
@@ -145,6 +162,7 @@ class TrainWidget(QWidget):
         form.addRow("Pairs", self.pairs_list)
         form.addRow("Classes", classes_row)
         form.addRow("Method", self.method_combo)
+        form.addRow("Start from", init_row)
         form.addRow("Iterations", self.iterations)
         form.addRow("Learning rate", self.lr)
         form.addRow("Crop (px)", self.crop)
@@ -171,6 +189,58 @@ class TrainWidget(QWidget):
         if row >= 0:
             self.pairs.pop(row)
             self.pairs_list.takeItem(row)
+
+    def _fill_init_choices(self, *_) -> None:
+        """Checkpoints the chosen method can start from: GRNet and MagNet ones for MagNet (the shared one first
+        when it is one of those), CascadePSP ones for CascadePSP ("" = the shipped refiner); GRNet starts from
+        ImageNet (Resume continues a run)."""
+        from napari_uhrseg.checkpoints import CheckpointManager
+
+        method = self.method_combo.currentText()
+        sources = {"magnet": ("grnet", "magnet"), "cascadepsp": ("cascadepsp",)}.get(method, ())
+        self.init_combo.clear()
+        self.init_combo.setEnabled(bool(sources))
+        if not sources:
+            return
+        paths = []
+        shared = self.state.refiner_checkpoint if method == "cascadepsp" else self.state.checkpoint
+        if shared and (method == "cascadepsp" or self.state.method in sources):
+            paths.append(str(shared))
+        try:
+            infos = [i for i in CheckpointManager().list(include_starters=method != "cascadepsp") if i.ok]
+        except Exception:  # noqa: BLE001 - an unreadable folder must not break the dock
+            infos = []
+        paths += [str(i.path) for i in infos if i.method in sources and str(i.path) not in paths]
+        if method == "cascadepsp":
+            self.init_combo.addItem("", "")  # the shipped class-agnostic refiner
+        for path in paths:
+            self.init_combo.addItem(Path(path).name, path)
+        self.init_combo.setCurrentIndex(0)
+
+    def _browse_init(self) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self, "Start from checkpoint", "", "Checkpoints (*.pt)")
+        if path:
+            self.set_init(path)
+
+    def set_init(self, path: str | None) -> None:
+        """Start the next run from this checkpoint (None or "": the method's default)."""
+        path = str(path or "")
+        idx = self.init_combo.findData(path)
+        if idx < 0:
+            self.init_combo.addItem(Path(path).name if path else "", path)
+            idx = self.init_combo.count() - 1
+        self.init_combo.setCurrentIndex(idx)
+
+    def init_path(self) -> str | None:
+        """The chosen start checkpoint (the item's file, or a path typed in), None for the default."""
+        if not self.init_combo.isEnabled():
+            return None
+        data, text = self.init_combo.currentData(), self.init_combo.currentText().strip()
+        if data is not None and text == self.init_combo.itemText(self.init_combo.currentIndex()):
+            return str(data) or None
+        return text or None
 
     def training_pairs(self) -> list[tuple]:
         """The pairs added, else the (image, labels) chosen in the combo boxes."""
@@ -214,6 +284,7 @@ class TrainWidget(QWidget):
         return TrainingSettings(
             iterations=self.iterations.value(), lr=self.lr.value() or None, crop=self.crop.value(),
             val_share=self.val_share.value(), frozen_backbone=self.frozen.isChecked(), device=device.device,
+            init=self.init_path(),
         )
 
     # ------------------------------------------------------------------------------------------ running
@@ -233,7 +304,7 @@ class TrainWidget(QWidget):
         hold_full_collections(True)
         self._stop.clear()
         self.curves.clear()
-        if self.live.isChecked():
+        if self.live.isChecked() and job["method"] in LIVE_METHODS:
             self._preview_layer(job["image"], job["names"])  # adding a layer is slow GUI work: do it now
         self._pbar = progress(total=job["settings"].iterations, desc="Training")
         self._set_running(True)
@@ -369,8 +440,11 @@ class TrainWidget(QWidget):
 
             path, method, names, best = result
             self.state.set_classes(names, self._class_colors(names))
-            self.state.method = method
-            self.state.checkpoint = str(path)
+            if method == "cascadepsp":  # a refiner: the Refine dock's, the segmenter choice stays
+                self.state.refiner_checkpoint = str(path)
+            else:
+                self.state.method = method
+                self.state.checkpoint = str(path)
             best_txt = f" (best validation mIoU {best:.3f})" if best is not None else ""
             self.status.setText(f"Checkpoint {Path(path).name}{best_txt}")
             show_info(f"Training finished: {path}{best_txt}")
@@ -402,16 +476,24 @@ def _train_job(job: dict, stop: threading.Event, live_box):
     # GIL (and so the viewer) while they walk every object (see _common.freeze_long_lived_objects).
     gc.freeze()
     best = session.best
-    crop = job["settings"].crop
+    live = session.method_name in LIVE_METHODS
     for ev in session.events(stop=stop.is_set):
         best = ev.best_miou
         yield "train", ev
-        box = live_box()
+        box = live_box() if live else None
         if ev.val_miou is not None and box is not None:
-            result = segment_image(pyramids[0], session.method(), level=levels[0], window=crop,
-                                   overlap=max(16, crop // 8), region=box)
+            method = session.method()
+            window = int(getattr(method, "window_size", None) or job["settings"].crop)  # what the model is made for
+            result = segment_image(pyramids[0], method, level=levels[0], window=window,
+                                   overlap=max(16, window // 8), region=box)
             yield "live", (result, job["image"], job["names"])
     return session.out, session.method_name, job["names"], best
+
+
+def _description(name: str) -> str:
+    from napari_uhrseg.engine.scribbles import DESCRIPTIONS
+
+    return DESCRIPTIONS.get(name, name)
 
 
 def _trainable() -> list[str]:
