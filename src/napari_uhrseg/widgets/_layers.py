@@ -124,9 +124,12 @@ def add_or_update_labels(viewer, image_layer, result, *, class_names=None):
     else:
         layer = viewer.add_labels(data, name=name, scale=scale, translate=translate, opacity=LABELS_OPACITY,
                                   multiscale=multiscale)
-    units = getattr(image_layer, "units", None)
-    if units is not None and len(units) >= 2:  # same world units as the image (File › Save writes pixel sizes)
-        layer.units = tuple(units[-2:])
+    from napari_uhrseg.widgets.export import _unit_of
+
+    unit = _unit_of(image_layer)
+    if unit:  # what File › Save (the plugin's writers) writes as the pixel size: a level-0 pixel of the image
+        layer.metadata["pixel_size"] = tuple(float(v) for v in image_layer.scale[-2:])
+        layer.metadata["pixel_unit"] = unit
     layer.metadata["uhrseg_segment"] = image_layer.name  # the image whose runs this layer shows
     layer.metadata["uhrseg_store"] = result.store
     layer.metadata["uhrseg_downsample"] = downsample_pair(result.downsample)
