@@ -177,3 +177,15 @@ def test_inference_net_matches_the_network_and_follows_its_weights():
         after = fast.refine(coarse, fine)
         torch.testing.assert_close(after, net.refine(coarse, fine), atol=1e-4, rtol=0)
     assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_inference_net_folds_the_real_backbone_without_changing_it():
+    net = mg.build_net(3, "fast", pretrained=False).eval()
+    for m in net.backbone.modules():  # BatchNorm statistics that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    images = torch.rand(2, 3, 96, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(mg.InferenceNet(net).segment(images), net.segment(images), atol=1e-4, rtol=0)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.backbone.branch.backbone.modules())  # net untouched

@@ -117,3 +117,53 @@ def test_magnet_run_through_the_engine_feeds_the_layer(viewer_and_image):
         n += 1
     umap = viewer.layers["scene MagNet uncertainty"].data
     assert n > 1 and umap.shape == (64, 80) and 0 <= umap.min() and umap.max() <= 1 and umap.std() > 0
+
+
+@pytest.mark.gui
+def test_segment_dock_run_creates_the_uncertainty_layer_on_the_image(make_napari_viewer, tmp_path):
+    """A MagNet-Fast run from the Segment dock at working level 1 fills "<image> MagNet uncertainty": the
+    engine's windows assembled at 4× the working level's downsample, heat colormap, contrast [0, 1], on the
+    image whatever its scale and translate; the uncertainty dock then offers the stages and the queue."""
+    from _magnet_helpers import write_magnet_checkpoint
+    from napari_uhrseg.engine.segment import iter_segment
+    from napari_uhrseg.methods import magnet as mg
+    from napari_uhrseg.widgets._layers import pyramid_for_layer
+    from napari_uhrseg.widgets.segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    y, x = np.mgrid[:256, :384]
+    image = np.stack([128 + 100 * np.sin(x / 19.0), 128 + 100 * np.cos(y / 13.0), (x * 3) % 256], -1).astype(np.uint8)
+    layer = viewer.add_image([image, image[::2, ::2]], multiscale=True, rgb=True, name="scene", scale=SCALE,
+                             translate=TRANSLATE)
+    ckpt = write_magnet_checkpoint(tmp_path / "magnet.pt")
+    dock = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Segment")
+    dock.image_combo.set_layer(layer)
+    dock.method_combo.setCurrentText("magnet-fast")
+    dock.set_checkpoint(str(ckpt))
+    dock.window_spin.setValue(128)
+    dock.level_spin.setValue(1)
+    result = dock.segment(sync=True)
+    assert result is not None and result.windows_done == result.windows_total == 2
+
+    out = viewer.layers["scene MagNet uncertainty"]
+    assert out.colormap.name == un.COLORMAP and tuple(out.contrast_limits) == (0.0, 1.0)
+    recorder = mg.UncertaintyRecorder((256, 384), 2.0)  # what the CLI writes for the same run
+    method = mg.MagNetFast.from_checkpoint(ckpt)
+    for ev in iter_segment(pyramid_for_layer(layer), method, level=1, window=128, overlap=32):
+        recorder.add_event(ev)
+    np.testing.assert_allclose(out.data, recorder.map.array, atol=1e-5)
+    assert out.data.shape == (32, 48) and out.data.std() > 0
+    d = recorder.map.downsample  # 8 level-0 px per map pixel
+    for r, c in [(0, 0), (5, 30), (31, 47)]:
+        np.testing.assert_allclose(np.asarray(out.data_to_world((r, c)))[-2:],
+                                   np.asarray(layer.data_to_world((r * d + (d - 1) / 2, c * d + (d - 1) / 2)))[-2:],
+                                   atol=1e-9)
+
+    widget = un.UncertaintyWidget(viewer)
+    widget.image_combo.set_layer(layer)
+    widget.refresh()
+    assert [widget.stage_combo.itemText(i) for i in range(widget.stage_combo.count())] == [
+        "final", "stage 0", "stage 1", "stage 2"]
+    box = widget.next_region()
+    assert box is not None and 0 <= box[0] < 256 and 0 <= box[1] < 384

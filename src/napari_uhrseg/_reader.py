@@ -38,7 +38,29 @@ def read_pyramid(path):
 
     if isinstance(path, (list, tuple)):
         path = path[0]
+    uncertainty = uncertainty_layer_data(path)
+    if uncertainty is not None:
+        return [uncertainty]
     return [layer_data(open_pyramid(path))]
+
+
+def uncertainty_layer_data(path) -> tuple | None:
+    """A MagNet uncertainty map written by ``uhrseg segment`` (``<stem>_uncertainty.tif``) as a heat-map layer
+    placed on its image (scale and translate from the map's downsample and pixel size); None for other files."""
+    from napari_uhrseg.methods.magnet import read_uncertainty, uncertainty_geometry
+
+    found = read_uncertainty(path)
+    if found is None:
+        return None
+    data, meta = found
+    scale, translate = uncertainty_geometry(meta)
+    kwargs = {"name": f"{Path(path).stem} (MagNet uncertainty)", "scale": scale, "translate": translate,
+              "colormap": "inferno", "contrast_limits": [0.0, 1.0], "opacity": 0.5, "blending": "additive",
+              "metadata": {"uhrseg_path": str(path), "uhrseg_uncertainty": meta}}
+    unit = _UNITS.get(meta.get("pixel_unit") or "")
+    if meta.get("pixel_size") and unit:
+        kwargs["units"] = (unit, unit)
+    return (data, kwargs, "image")
 
 
 def layer_data(pyramid) -> tuple:

@@ -5,8 +5,11 @@ OUT ending in ``.zarr`` (not ``.ome.zarr``) is the engine's label store itself, 
 covering the region (its origin is in the summary and the store's attributes); any other suffix (``.ome.tif``,
 ``.ome.zarr``, ``.png``, ``.geojson``) is exported at the end with ``napari_uhrseg.io.export.export_labels``
 from a store covering the whole working level, so exported coordinates are the image's. Labels are at the
-working level. Ctrl-C stops after the current window and still writes
-everything finished; a second Ctrl-C stops at once (finished windows are still kept in a ``.zarr`` OUT).
+working level. Methods that report an uncertainty map (MagNet, MagNet-Fast) also get it written next to OUT as
+``<stem>_uncertainty.tif`` (a coarse whole-image float32 map in [0, 1]; its level-0 downsample and pixel size are
+in the TIFF description, and the plugin's reader opens it on the image). Ctrl-C stops after the current window
+and still writes everything finished; a second Ctrl-C stops at once (finished windows are still kept in a
+``.zarr`` OUT).
 """
 from __future__ import annotations
 
@@ -52,6 +55,7 @@ def run(args) -> int:
     from napari_uhrseg.engine.overlays import write_overlays
     from napari_uhrseg.engine.segment import DEFAULT_WINDOW, iter_segment
     from napari_uhrseg.io.pyramid import open_pyramid
+    from napari_uhrseg.methods.magnet import UncertaintyRecorder
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -67,19 +71,24 @@ def run(args) -> int:
     window = args.window or int(getattr(method, "window_size", 0) or DEFAULT_WINDOW)
     cancel = threading.Event()
     with _first_ctrl_c_cancels(cancel, lambda m: _say(args, m)), _label_store_for(out, args, pyramid, region, list(method.class_names)) as store:
+        # MagNet's per-window uncertainty, assembled into one coarse whole-image map (nothing for other methods)
+        recorder = UncertaintyRecorder(pyramid.shape, pyramid.downsamples[args.level])
         gen = iter_segment(pyramid, method, level=args.level, window=window, overlap=args.overlap,
                            region=region, store=store, cancel=cancel)
-        result, interrupted = _drive(gen, args)
+        result, interrupted = _drive(gen, args, on_event=recorder.add_event)
         if result is not None:
             overlays = result.overlays
         else:  # second Ctrl-C: the engine wrote what was finished, we write what we saw
             overlays = interrupted
         labels_path = _write_labels(out, store, method, pyramid, args.level)
         write_overlays(overlays, overlays_path)
+        uncertainty_path = recorder.save_next_to(labels_path, pyramid.pixel_size, pyramid.pixel_unit)
 
     summary = result.summary() if result is not None else {"windows_done": None, "cancelled": True}
     summary.update({"image": str(args.image), "labels": str(labels_path), "overlays": str(overlays_path),
                     "device_name": choice.name})
+    if uncertainty_path is not None:
+        summary["uncertainty"] = str(uncertainty_path)
     print(json.dumps(summary, indent=2))
     return 130 if summary["cancelled"] else 0
 
@@ -196,8 +205,9 @@ def _write_labels(out: Path, store, method, pyramid, level: int) -> Path:
                               downsample=pyramid.downsamples[level]))
 
 
-def _drive(gen, args):
-    """Run the engine's generator, printing a line per window; returns (result or None, overlays seen)."""
+def _drive(gen, args, on_event=None):
+    """Run the engine's generator, printing a line per window (and handing each event to ``on_event``);
+    returns (result or None, overlays seen)."""
     seen: list[dict] = []
     t0 = time.perf_counter()
     try:
@@ -207,6 +217,8 @@ def _drive(gen, args):
             except StopIteration as stop:
                 return stop.value, seen
             seen.extend(ev.overlays)
+            if on_event is not None:
+                on_event(ev)
             _say(args, f"window {ev.index + 1}/{ev.total}  {ev.seconds['total_s']:.2f} s "
                        f"(predict {ev.seconds['predict_s']:.2f} s, wait for read {ev.seconds['read_wait_s']:.2f} s)"
                        f"  elapsed {time.perf_counter() - t0:.1f} s")

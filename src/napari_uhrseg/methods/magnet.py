@@ -545,9 +545,10 @@ JIT_MIN_PIXELS = 128 * 128
 
 
 class InferenceNet:
-    """What inference runs: the same weights as ``net``, set up for speed. On the CPU the refinement module is
-    scripted and frozen (``torch.jit.optimize_for_inference``: BatchNorm folded, oneDNN convolutions) and the
-    backbone runs channels-last; elsewhere eager copies in eval mode. Copies are rebuilt whenever ``net``'s
+    """What inference runs: the same weights as ``net``, set up for speed. The backbone copy has its trunk's
+    BatchNorms folded into the convolutions (``nn.fuse``); on the CPU it runs channels-last and the refinement
+    module is scripted and frozen (``torch.jit.optimize_for_inference``: BatchNorm folded, oneDNN convolutions);
+    elsewhere an eager copy in eval mode. Copies are rebuilt whenever ``net``'s
     weights change (a network trained further in the same process), so predictions always follow them."""
 
     def __init__(self, net: MagNetNet):
@@ -564,7 +565,10 @@ class InferenceNet:
             return
         import copy
 
+        from napari_uhrseg.nn.fuse import fold_batchnorm
+
         self._backbone = copy.deepcopy(self.net.backbone).eval()
+        fold_batchnorm(self._backbone)  # the trunk's conv → BatchNorm pairs: one pass less over every map
         self._refiner = copy.deepcopy(self.net.refiner).eval()
         if _device_of(self.net).type == "cpu":
             self._backbone = self._backbone.to(memory_format=torch.channels_last)
@@ -765,6 +769,7 @@ class UncertaintyMap:
 
     def __init__(self, shape: tuple[int, int], downsample: float):
         self.downsample = float(downsample)
+        self.shape0 = (int(shape[0]), int(shape[1]))
         self.shape = (max(1, math.ceil(shape[0] / downsample)), max(1, math.ceil(shape[1] / downsample)))
         self._sum = np.zeros(self.shape, np.float32)
         self._count = np.zeros(self.shape, np.float32)
@@ -861,8 +866,9 @@ def save_uncertainty(labels_path: str | Path, umap: UncertaintyMap, pixel_size=N
     import tifffile
 
     out = uncertainty_path(labels_path)
-    meta = {"uncertainty": "MagNet 1 - (p_top1 - p_top2)", "downsample": umap.downsample,
-            "pixel_size": pixel_size, "pixel_unit": pixel_unit}
+    meta = {"uncertainty": UNCERTAINTY_TAG, "downsample": umap.downsample, "shape0": list(umap.shape0),
+            "pixel_size": None if pixel_size is None else [float(v) for v in np.ravel(pixel_size)],
+            "pixel_unit": pixel_unit}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tifffile.imwrite(tmp, umap.array, description=json.dumps(meta), compression="zlib")
@@ -871,6 +877,38 @@ def save_uncertainty(labels_path: str | Path, umap: UncertaintyMap, pixel_size=N
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+UNCERTAINTY_TAG = "MagNet 1 - (p_top1 - p_top2)"
+
+
+def read_uncertainty(path: str | Path) -> tuple[np.ndarray, dict] | None:
+    """``(map, meta)`` of a TIFF written by ``save_uncertainty``, or None for any other file (the reader asks)."""
+    import json
+
+    import tifffile
+
+    p = Path(path)
+    if p.suffix.lower() not in (".tif", ".tiff") or not p.is_file():
+        return None
+    try:
+        with tifffile.TiffFile(p) as tif:
+            meta = json.loads(tif.pages[0].description or "{}")
+            if not isinstance(meta, dict) or meta.get("uncertainty") != UNCERTAINTY_TAG:
+                return None
+            return tif.asarray().astype(np.float32, copy=False), meta
+    except (ValueError, TypeError, OSError, tifffile.TiffFileError):
+        return None
+
+
+def uncertainty_geometry(meta: dict) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(scale, translate) that put a saved map on its image opened by the plugin's reader (whose scale is the
+    level-0 pixel size, or 1): map pixel (r, c) covers level-0 pixels [r·d, (r + 1)·d), so its centre sits at
+    level-0 pixel centre r·d + (d − 1)/2."""
+    d = float(meta["downsample"])
+    size = meta.get("pixel_size") or (1.0, 1.0)
+    sy, sx = float(size[0]), float(size[-1])
+    return (sy * d, sx * d), (sy * (d - 1) / 2, sx * (d - 1) / 2)
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -4,7 +4,9 @@ The dock gathers choices and drives ``napari_uhrseg.engine.segment.iter_segment`
 ``thread_worker`` (``UHRSEG_SYNC=1`` runs it on the GUI thread, for tests). Each finished window refreshes
 ``"<image> labels"`` (the engine's label store, placed on the image with the working level's scale) and
 ``"<image> PPN patches"`` (rectangles in the image's level-0 data coordinates, edge colour by PPN
-probability). Cancel stops between windows and keeps the finished ones. Errors become napari notifications.
+probability). MagNet and MagNet-Fast runs also fill ``"<image> MagNet uncertainty"`` (``widgets.uncertainty``:
+heat map, contrast [0, 1], placed on the image at any working level). Cancel stops between windows and keeps
+the finished ones. Errors become napari notifications.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import threading
 
 import napari
+import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -232,6 +235,7 @@ class SegmentWidget(QWidget):
             self._on_error(exc)
             return None
         self._image_layer, self._labels_layer, self._records, self.result = image_layer, None, [], None
+        self._level_downsample = float(self._pyramid.downsamples[params["level"]])
         self._cancel = threading.Event()
         self._set_running(True)
         self.state.image_layer = image_layer
@@ -289,6 +293,10 @@ class SegmentWidget(QWidget):
             self.progress.setRange(0, ev.total)
         else:
             self._labels_layer.refresh()
+        if np.ndim((ev.artefacts or {}).get("uncertainty")) == 2:  # MagNet: the heat map grows window by window
+            from napari_uhrseg.widgets import uncertainty
+
+            uncertainty.on_window_event(self.viewer, self._image_layer, ev, self._level_downsample)
         if ev.overlays:
             first = not self._records
             self._records.extend(ev.overlays)

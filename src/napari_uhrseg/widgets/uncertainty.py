@@ -5,7 +5,7 @@ Frames: whole-image maps are arrays at a coarse level, ``downsample`` level-0 pi
 ``(y0, x0, y1, x1)`` boxes in level-0 pixels (pixel edges). The maps are assembled from the engine's
 ``WindowEvent``s with :class:`napari_uhrseg.methods.magnet.UncertaintyMap`.
 
-The Segment dock feeds a run's windows here with one call per window::
+The Segment dock (``widgets.segment``) feeds a MagNet run's windows here with one call per window::
 
     uncertainty.on_window_event(viewer, image_layer, event, level_downsample)
 
@@ -202,7 +202,13 @@ class UncertaintyWidget(QWidget):
         self.region_spin.valueChanged.connect(self._reset_queue)
         self.refresh_button.clicked.connect(self.refresh)
         self.next_button.clicked.connect(self.next_region)
+        napari_viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.refresh()
+
+    def _on_layer_inserted(self, event) -> None:
+        """A Segment-dock run just created an uncertainty layer: offer its stages."""
+        if str(getattr(event.value, "name", "")).endswith(LAYER_SUFFIX):
+            self.refresh()
 
     def _maps(self) -> StageMaps | None:
         layer = self.image_combo.layer()
