@@ -186,6 +186,20 @@ def test_train_main_writes_a_loadable_checkpoint(tmp_path):
     assert C.CascadePSP.from_checkpoint(out).preset == "fast"
 
 
+def test_continued_training_records_what_it_started_from(tmp_path):
+    from napari_uhrseg.methods.base import read_checkpoint_meta
+
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    common = ["--batch-size", "1", "--crop", "48", "--deepglobe", "none", "--monuseg", "none", "--minutes", "2"]
+    assert C.train_main(["-o", str(first), "--max-steps", "2", *common]) == 0
+    assert C.train_main(["-o", str(second), "--init", str(first), "--max-steps", "1", "--lr-drops", "0.8,0.95",
+                         *common]) == 0  # fmt: skip
+    meta = read_checkpoint_meta(second)
+    assert meta["steps"] == 1 and meta["training"]["init"]["steps"] == 2
+    assert "--lr-drops 0.8,0.95" in meta["training"]["command"]
+    assert meta["training"]["init"]["training"]["command"].endswith("--minutes 2")
+
+
 @pytest.mark.skipif(not C.STARTER_CHECKPOINT.exists(), reason="starter checkpoint not built")
 def test_shipped_refiner_improves_perturbed_boundaries():
     """Held-out composites (seeds never used in training): IoU goes up, boundary accuracy does not go down."""
