@@ -161,25 +161,30 @@ def patch_features(records: list[dict]):
 
 
 def set_patch_shapes(layer, records: list[dict], *, new: list[dict] | None = None) -> None:
-    """Show ``records`` on a PPN patch layer: edge colour by probability, selected patches drawn thicker.
+    """Show ``records`` on a PPN patch layer: edge colour by probability (``PATCH_COLORMAP`` over [0, 1]),
+    selected patches drawn thicker.
 
     With ``new`` (the tail of ``records`` not drawn yet) only those rectangles are added — napari adds shapes
-    one by one, so redrawing every patch after every window would cost quadratic time on a large image.
+    one by one, so redrawing every patch after every window would cost quadratic time on a large image. This runs
+    on the GUI thread after every window of a run, so it does the least napari work that shows the patches:
+    the new rectangles' colours are computed here (no colour-map pass over every shape), and the layer's
+    thumbnail, which renders every shape again, is not redrawn meanwhile (``refresh()`` the layer at the end).
     """
+    from napari.utils.colormaps import ensure_colormap
+
     if new is None:
         layer.selected_data = set()
         layer.data = []
         new = records
     rects = patch_rectangles(new)
-    if rects:
-        sides = np.array([min(r[2, 0] - r[0, 0], r[2, 1] - r[0, 1]) for r in rects])
-        widths = np.where([r["selected"] for r in new], 0.03, 0.01) * sides
-        layer.add_rectangles(rects, edge_width=np.maximum(widths, 1.0), face_color="transparent")
-    layer.features = patch_features(records)
-    layer.edge_color = "probability"
-    layer.edge_colormap = PATCH_COLORMAP
-    layer.edge_contrast_limits = (0.0, 1.0)
-    layer.refresh_colors(update_color_mapping=False)
+    with layer.block_thumbnail_update():
+        if rects:
+            sides = np.array([min(r[2, 0] - r[0, 0], r[2, 1] - r[0, 1]) for r in rects])
+            widths = np.where([r["selected"] for r in new], 0.03, 0.01) * sides
+            colors = ensure_colormap(PATCH_COLORMAP).map(np.clip([float(r["probability"]) for r in new], 0, 1))
+            layer.add_rectangles(rects, edge_width=np.maximum(widths, 1.0), edge_color=colors,
+                                 face_color="transparent")
+        layer.features = patch_features(records)
 
 
 def add_or_update_patches(viewer, image_layer, records: list[dict], *, new: list[dict] | None = None):
@@ -189,7 +194,8 @@ def add_or_update_patches(viewer, image_layer, records: list[dict], *, new: list
     scale, translate = image_geometry(image_layer)
     if name in viewer.layers:
         layer = viewer.layers[name]
-        layer.scale, layer.translate = scale, translate
+        if not (np.allclose(layer.scale[-2:], scale) and np.allclose(layer.translate[-2:], translate)):
+            layer.scale, layer.translate = scale, translate  # (a transform change re-renders the layer)
     else:
         layer = viewer.add_shapes(name=name, scale=scale, translate=translate, shape_type="rectangle",
                                   face_color="transparent", opacity=0.9)

@@ -15,7 +15,7 @@ import threading
 
 import napari
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -30,7 +30,12 @@ from qtpy.QtWidgets import (
 
 from napari_uhrseg.engine.segment import DEFAULT_OVERLAP, DEFAULT_WINDOW
 from napari_uhrseg.widgets import _layers
-from napari_uhrseg.widgets._common import LayerCombo, notify_error
+from napari_uhrseg.widgets._common import (
+    LayerCombo,
+    freeze_long_lived_objects,
+    hold_full_collections,
+    notify_error,
+)
 from napari_uhrseg.widgets.state import get_state
 
 REGIONS = ("Whole image", "Current view", "Drawn box")
@@ -244,6 +249,14 @@ class SegmentWidget(QWidget):
             return self._run_here(gen)
         from napari.qt.threading import create_worker
 
+        # GUI work a run needs, done here rather than while the worker runs, where it stalled the viewer (the
+        # first window's new layers: ~0.5 s of layer, control-panel and vispy set-up); and full garbage
+        # collections, which hold the GIL for a walk over napari's objects, are held off until the run ends.
+        self._placeholders = _prepare_output_layers(self.viewer, image_layer, params["method"])
+        freeze_long_lived_objects()
+        hold_full_collections(True)
+        self._holding_gc = True
+
         def work():
             return (yield from gen)
 
@@ -251,7 +264,9 @@ class SegmentWidget(QWidget):
         self._worker.yielded.connect(self._on_event)
         self._worker.returned.connect(self._on_done)
         self._worker.errored.connect(self._on_error)
-        self._worker.start()
+        # Started on the next turn of the event loop, once the output layers made above have been drawn (their
+        # first draw is the press's GUI work, not a stall of the run; tests/test_heartbeat.py measures the run).
+        QTimer.singleShot(0, self._worker.start)
         return self._worker
 
     def _run_here(self, gen):
@@ -289,6 +304,7 @@ class SegmentWidget(QWidget):
         if self._labels_layer is None:
             names = list(getattr(self._method, "class_names", []) or [])
             self._labels_layer = _layers.add_or_update_labels(self.viewer, self._image_layer, ev, class_names=names)
+            self._labels_layer.metadata.pop("uhrseg_placeholder", None)  # filled: the run's output now
             self.state.labels_layer = self._labels_layer
             self.progress.setRange(0, ev.total)
         else:
@@ -300,8 +316,9 @@ class SegmentWidget(QWidget):
         if ev.overlays:
             first = not self._records
             self._records.extend(ev.overlays)
-            _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
-                                          new=None if first else ev.overlays)
+            patches = _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
+                                                    new=None if first else ev.overlays)
+            patches.metadata.pop("uhrseg_placeholder", None)
         self.progress.setValue(ev.index + 1)
         self.status.setText(f"window {ev.index + 1}/{ev.total}: {ev.seconds['total_s']:.2f} s")
 
@@ -310,6 +327,9 @@ class SegmentWidget(QWidget):
         self._set_running(False)
         if self._labels_layer is not None:
             self._labels_layer.refresh()
+        patches = f"{self._image_layer.name} PPN patches" if self._image_layer is not None else None
+        if patches in self.viewer.layers:
+            self.viewer.layers[patches].refresh()  # its thumbnail was not redrawn window by window
         self.state.method = result.method
         self.state.checkpoint = self.checkpoint_path()
         word = "Cancelled" if result.cancelled else "Done"
@@ -326,6 +346,13 @@ class SegmentWidget(QWidget):
         notify_error(exc, "Segment")
         self.finished.emit(exc)
 
+    def _drop_unused_placeholders(self) -> None:
+        """Remove the layers made for a run that failed or stopped before its first window."""
+        for layer in getattr(self, "_placeholders", []):
+            if layer in self.viewer.layers and layer.metadata.get("uhrseg_placeholder"):
+                self.viewer.layers.remove(layer)
+        self._placeholders = []
+
     def _set_running(self, running: bool) -> None:
         self.segment_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
@@ -334,3 +361,28 @@ class SegmentWidget(QWidget):
             self.status.setText("Loading the method…")
         else:
             self._worker = None
+            if getattr(self, "_holding_gc", False):
+                hold_full_collections(False)
+                self._holding_gc = False
+            self._drop_unused_placeholders()
+
+
+def _prepare_output_layers(viewer, image_layer, method: str) -> list:
+    """Empty output layers of a run on ``image_layer``, made before it starts (GUI thread): ``"<image> labels"``
+    (a 1 x 1 placeholder the first window replaces; a layer of an earlier run is reused as it is) and, for GRNet,
+    ``"<image> PPN patches"``. Returns the layers made (placeholders until the first window fills them)."""
+
+    made = []
+    if not any(lay.metadata.get("uhrseg_segment") == image_layer.name for lay in viewer.layers):
+        scale, translate = _layers.image_geometry(image_layer)
+        layer = viewer.add_labels(np.zeros((1, 1), np.uint8), name=f"{image_layer.name} labels", scale=scale,
+                                  translate=translate, opacity=_layers.LABELS_OPACITY)
+        layer.metadata.update({"uhrseg_segment": image_layer.name, "uhrseg_placeholder": True})
+        made.append(layer)
+    if method == "grnet" and f"{image_layer.name} PPN patches" not in viewer.layers:
+        scale, translate = _layers.image_geometry(image_layer)
+        layer = viewer.add_shapes(name=f"{image_layer.name} PPN patches", scale=scale, translate=translate,
+                                  shape_type="rectangle", face_color="transparent", opacity=0.9)
+        layer.metadata["uhrseg_placeholder"] = True
+        made.append(layer)
+    return made

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -312,7 +312,12 @@ class TrainWidget(QWidget):
         self._worker = create_worker(
             _train_job, job, self._stop, lambda: self._live_box if self._live_on else None,
             _connect={"yielded": self._on_event, "returned": self._done, "errored": self._done},
+            _start_thread=False,
         )
+        # The worker starts on the next turn of the event loop, once the progress bar and the preview layer made
+        # above have been drawn: that first draw (napari's, 0.2-0.5 s with software OpenGL) is the press's GUI
+        # work; from the worker's start to its end the viewer must never wait (tests/test_heartbeat.py).
+        QTimer.singleShot(0, self._worker.start)
 
     def _prepare(self, resume: bool) -> dict:
         """Everything the worker needs, gathered on the GUI thread (cheap: no pixels read, no model built)."""
