@@ -6,10 +6,12 @@ Split: ``napari_uhrseg.datasets.deepglobe_split()`` (the GRNet benchmark's): tra
 6399; one 2448² window per tile. mIoU over the six real classes (label 0 "unknown" ignored), pooled confusion
 matrix over the test tiles.
 
-Figures per configuration: mIoU, per-class IoU, seconds per 2448² window (CPU, ``--threads`` threads), peak RSS
-while it ran (``RssSampler``), and how useful the uncertainty map is: the share of the final label errors that
-fall inside the 10 % most uncertain area of each window (1 − (p_top1 − p_top2) of the final prediction; 10 % if
-the map knew nothing).
+Figures per configuration: mIoU, per-class IoU, seconds per 2448² window (wall clock of ``predict``, CPU,
+``--threads`` threads; the process CPU time too, and the load average before and after, because the machine may
+be shared), peak RSS while it ran (``RssSampler``), and how useful the uncertainty map is: the share of the final
+label errors that fall inside the 10 % most uncertain area of each window (1 − (p_top1 − p_top2) of the final
+prediction; 10 % if the map knew nothing). Each method is warmed up once on a full window first (the scripted
+refiner is built on first use). ``--profile`` prints a ``torch.profiler`` table of one MagNet-Fast window.
 
     python benchmarks/magnet.py --checkpoint magnet_deepglobe.pt --threads 2 \\
         --json benchmarks/results/magnet.json --figures docs/methods/images
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 
 from napari_uhrseg.datasets import DEEPGLOBE_CLASSES, DEEPGLOBE_COLORS, deepglobe_split, load_deepglobe_tile
-from napari_uhrseg.methods.magnet import MagNet, MagNetFast
+from napari_uhrseg.methods.magnet import MagNet, MagNetFast, certainty_map
 from napari_uhrseg.metrics import ConfusionMatrix, RssSampler
 
 CONFIGS = ("backbone", "magnet", "magnet-fast")
@@ -36,18 +39,27 @@ TOP_SHARE = 0.10  # the "10 % most uncertain area"
 
 
 def run_config(name: str, methods: dict, rgb: np.ndarray):
-    """(labels, uncertainty, stages or None, seconds, peak RSS MiB) of one configuration on one window."""
+    """(labels, uncertainty, stages or None, wall seconds, CPU seconds, peak RSS MiB) of one configuration on
+    one window."""
     with RssSampler() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         if name == "backbone":
             probs, stages = methods["magnet"].backbone_only(rgb), None
         else:
             pred = methods[name].predict(rgb)
             probs, stages = pred.probabilities, pred.artefacts["stages"]
-        seconds = time.perf_counter() - t0
-    top2 = np.sort(probs, axis=0)[-2:]
-    uncertainty = 1.0 - (top2[1] - top2[0])
-    return probs.argmax(0).astype(np.uint8), uncertainty, stages, seconds, rss.peak_mb
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    uncertainty = 1.0 - certainty_map(torch.from_numpy(probs)).numpy()  # 1 − (p_top1 − p_top2)
+    return probs.argmax(0).astype(np.uint8), uncertainty, stages, seconds, cpu, rss.peak_mb
+
+
+def profile_window(method, rgb: np.ndarray, rows: int = 15) -> str:
+    """A ``torch.profiler`` table (self CPU time) of one ``predict``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        method.predict(rgb)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def errors_in_top_area(labels, gt, uncertainty, share: float = TOP_SHARE) -> tuple[int, int, int]:
@@ -89,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--figures", help="folder for the figure PNGs (docs)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one MagNet-Fast window")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tiles = args.tiles.split(",") if args.tiles else deepglobe_split()["test"]
@@ -96,20 +109,27 @@ def main(argv=None) -> int:
     num_classes = len(methods["magnet"].class_names)
     cms = {c: ConfusionMatrix(num_classes, ignore_index=0) for c in CONFIGS}
     seconds = {c: [] for c in CONFIGS}
+    cpu_seconds = {c: [] for c in CONFIGS}
     peak = {c: 0.0 for c in CONFIGS}
     inside = {c: [0, 0, 0] for c in CONFIGS}
-    methods["magnet-fast"].predict(np.zeros((612, 612, 3), np.uint8))  # warm-up (allocator, thread pool)
+    warm, _ = load_deepglobe_tile(tiles[0])
+    for name in ("magnet-fast", "magnet"):  # warm-up on a full window: scripted refiner, allocator, thread pool
+        methods[name].predict(warm)
+    if args.profile:
+        print(profile_window(methods["magnet-fast"], warm), flush=True)
+    load_before = os.getloadavg()
     for tile in tiles:
         rgb, gt = load_deepglobe_tile(tile)
         panels = [rgb, colour(gt)]
         for c in CONFIGS:
-            labels, u, stages, sec, rss = run_config(c, methods, rgb)
+            labels, u, stages, sec, cpu, rss = run_config(c, methods, rgb)
             cms[c].update(labels, gt)
             seconds[c].append(sec)
+            cpu_seconds[c].append(cpu)
             peak[c] = max(peak[c], rss)
             a, b, n = errors_in_top_area(labels, gt, u)
             inside[c] = [inside[c][0] + a, inside[c][1] + b, inside[c][2] + n]
-            print(f"{tile} {c:12s} {sec:7.2f} s  errors in top-10% uncertainty {a / max(b, 1):.1%} "
+            print(f"{tile} {c:12s} {sec:7.2f} s (CPU {cpu:6.2f} s)  errors in top-10% uncertainty {a / max(b, 1):.1%} "
                   f"(best possible {min(1, TOP_SHARE * n / max(b, 1)):.1%})", flush=True)
             if c != "backbone":
                 panels += [colour(labels), heat(u)]
@@ -120,20 +140,24 @@ def main(argv=None) -> int:
                 panels.append(colour(labels))
         if args.figures:
             save_figure(Path(args.figures) / f"magnet_{tile}.png", panels)
+    load_after = os.getloadavg()
     results = {"checkpoint": str(args.checkpoint), "tiles": tiles, "threads": args.threads,
+               "load_average_before": load_before, "load_average_after": load_after,
                "classes": DEEPGLOBE_CLASSES[1:], "configs": {}}
     print(f"\n{'configuration':14s} {'mIoU':>6s}  " + " ".join(f"{n[:6]:>6s}" for n in DEEPGLOBE_CLASSES[1:])
-          + "  s/window  peak RSS MiB  errors in top-10% (best possible)")
+          + "  s/window  (CPU s)  peak RSS MiB  errors in top-10% (best possible)")
     for c in CONFIGS:
         miou, per_class = cms[c].miou(exclude=(0,))
         share = inside[c][0] / max(inside[c][1], 1)
         best = min(1.0, TOP_SHARE * inside[c][2] / max(inside[c][1], 1))
         results["configs"][c] = {"miou": miou, "per_class_iou": [float(v) for v in per_class[1:]],
-                                 "seconds_per_window": float(np.mean(seconds[c])), "peak_rss_mb": peak[c],
+                                 "seconds_per_window": float(np.mean(seconds[c])),
+                                 "cpu_seconds_per_window": float(np.mean(cpu_seconds[c])), "peak_rss_mb": peak[c],
                                  "errors_in_top10_uncertainty": share, "best_possible_share": best,
                                  "pixel_error_rate": inside[c][1] / max(inside[c][2], 1)}
         print(f"{c:14s} {100 * miou:6.2f}  " + " ".join(f"{100 * v:6.1f}" for v in per_class[1:])
-              + f"  {np.mean(seconds[c]):8.2f}  {peak[c]:12.0f}  {share:8.1%} ({best:.1%})")
+              + f"  {np.mean(seconds[c]):8.2f}  ({np.mean(cpu_seconds[c]):5.2f})  {peak[c]:12.0f}  {share:8.1%} ({best:.1%})")
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     r = results["configs"]
     bars = {
         "MagNet >= backbone + 2 mIoU": r["magnet"]["miou"] >= r["backbone"]["miou"] + 0.02,

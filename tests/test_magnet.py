@@ -392,3 +392,20 @@ def test_train_main_writes_a_checkpoint_both_variants_load(tmp_path):
         method = get_method(name).from_checkpoint(out)
         assert method.class_names == ["unlabelled", "dark", "bright"] and method.window_size == 128
         assert method.predict(np.zeros((128, 128, 3), np.uint8)).probabilities.shape == (3, 128, 128)
+
+
+def test_refiner_training_stops_when_its_time_budget_is_spent():
+    import time
+
+    net = tiny_net()
+    schedule = mg.Schedule("t", (0.25, 0.5, 1.0), 1.0, median_kernel=3)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, (64, 64), dtype=np.uint8)
+    before = [p.detach().clone() for p in net.refiner.parameters()]
+    done = mt.train_refiner(net, [(image, labels)], schedule, steps=50, lr=1e-2, batch_size=2, ignore_index=-100,
+                            rng=rng, optimizer="adam", log=lambda _: None, deadline=time.perf_counter())
+    assert done == 1  # the budget was spent before the first step ended
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.refiner.parameters()))
+    assert mt.train_refiner(net, [(image, labels)], schedule, steps=3, lr=1e-2, batch_size=2, ignore_index=-100,
+                            rng=rng, optimizer="adam", log=lambda _: None) == 3

@@ -165,8 +165,9 @@ def train_backbone(net, samples, schedule, *, steps, lr, batch_size, ignore_inde
 
 
 def train_refiner(net, samples, schedule, *, steps, lr, batch_size, ignore_index, rng,
-                  optimizer="sgd", sub_crop=None, log=print):
-    """Train the refinement module on (coarse, fine) pairs with the backbone frozen."""
+                  optimizer="sgd", sub_crop=None, log=print, deadline=None):
+    """Train the refinement module on (coarse, fine) pairs with the backbone frozen; ``deadline`` (a
+    ``time.perf_counter()`` value) ends it early, after the step that passes it. Returns the steps done."""
     for p in net.backbone.parameters():
         p.requires_grad_(False)
     t0 = time.perf_counter()
@@ -176,12 +177,18 @@ def train_refiner(net, samples, schedule, *, steps, lr, batch_size, ignore_index
         opt = torch.optim.SGD(params, lr=lr, momentum=REFINER_MOMENTUM, weight_decay=REFINER_WEIGHT_DECAY)
     else:
         opt = torch.optim.Adam(params, lr=lr)
+    step = 0
     for step in range(1, steps + 1):
         batch = refiner_batch(net, samples, coarse, schedule, rng, batch_size)
         loss = refiner_training_step(net, _sub_crop(batch, sub_crop, rng), opt, ignore_index)
-        if step % 10 == 0 or step == steps:
+        out_of_time = deadline is not None and time.perf_counter() >= deadline
+        if step % 10 == 0 or step == steps or out_of_time:
             log(f"refiner step {step}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f} s)")
+        if out_of_time:
+            log(f"refiner: time budget spent after {step} steps")
+            break
     net.refiner.eval()
+    return step
 
 
 def _load_training_samples(args) -> tuple[list, list[str], int]:
@@ -228,6 +235,9 @@ def _parser(method: str):
     p.add_argument("--input-ratio", type=float, default=None,
                    help="model input side / crop side (default: the preset's; 1 keeps full resolution, "
                         "needed when classes differ only in fine texture)")
+    p.add_argument("--minutes", type=float, default=0,
+                   help="time budget of the refiner training in minutes: stop after the step that spends it "
+                        "(0 = run all --refiner-steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     return p
@@ -292,16 +302,19 @@ def train_main(argv: list[str] | None = None, method: str = "magnet") -> int:
     if args.backbone_steps:
         train_backbone(net, samples, schedule, steps=args.backbone_steps, lr=args.backbone_lr,
                        batch_size=args.batch_size, ignore_index=ignore_index, rng=rng, log=log)
+    refiner_steps = 0
     if args.refiner_steps:
-        train_refiner(net, samples, schedule, steps=args.refiner_steps, lr=args.refiner_lr,
-                      batch_size=args.batch_size, ignore_index=ignore_index, rng=rng, optimizer=args.optimizer,
-                      sub_crop=args.refiner_crop or None, log=log)
+        deadline = time.perf_counter() + 60 * args.minutes if args.minutes else None
+        refiner_steps = train_refiner(net, samples, schedule, steps=args.refiner_steps, lr=args.refiner_lr,
+                                      batch_size=args.batch_size, ignore_index=ignore_index, rng=rng,
+                                      optimizer=args.optimizer, sub_crop=args.refiner_crop or None, log=log,
+                                      deadline=deadline)
     meta = {"method": "magnet", "preset": preset, "schedule": args.schedule, "class_names": class_names,
             "normalisation": normalisation_of(net), "backbone": BACKBONE_PRESETS[preset]["backbone"],
             "input_ratio": schedule.input_ratio, "ignore_index": ignore_index,
             "window": int(args.window or max(samples[0][1].shape[:2])),
             "training": {"argv": list(argv or []), "backbone_steps": args.backbone_steps,
-                         "refiner_steps": args.refiner_steps}}
+                         "refiner_steps": refiner_steps, "backbone_from": args.backbone_from}}
     path = save_checkpoint(args.out, {k: v.detach().cpu() for k, v in net.state_dict().items()}, meta)
     print(f"wrote {path}", flush=True)
     return 0
