@@ -80,6 +80,10 @@ class SegmentWidget(QWidget):
             self.method_combo.setCurrentText(self.state.method)
         self.checkpoint_combo = QComboBox(self)
         self.checkpoint_combo.setEditable(True)
+        # Checkpoint descriptions are long (name, method, classes, date): as wide as the dock allows, not as the
+        # longest item, which opened the dock 750 px wide and left the canvas a strip.
+        self.checkpoint_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.checkpoint_combo.setMinimumContentsLength(16)
         self.checkpoint_combo.setToolTip("a checkpoint file, or a starter shipped with the plugin")
         browse = QPushButton("Browse…", self)
         browse.clicked.connect(self._browse)
