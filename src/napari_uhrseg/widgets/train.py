@@ -66,11 +66,12 @@ class TrainWidget(QWidget):
         self._pbar = None
         self._last_out: Path | None = None
         self._live_box = None
+        self._checkpoints = None  # a CheckpointManager, made when 'Start from' is first filled
         self._build()
         self.state.events.image_layer.connect(self.image_combo.set_layer)
         # a checkpoint just trained (or loaded in the Checkpoints dock) is offered as the next run's start
-        self.state.events.checkpoint.connect(self._fill_init_choices)
-        self.state.events.refiner_checkpoint.connect(self._fill_init_choices)
+        self.state.events.checkpoint.connect(self._offer_shared_checkpoint)
+        self.state.events.refiner_checkpoint.connect(self._offer_shared_checkpoint)
         self.state.events.labels_layer.connect(self.labels_combo.set_layer)
         self.image_combo.set_layer(self.state.image_layer)
         self.labels_combo.set_layer(self.state.labels_layer)
@@ -206,8 +207,10 @@ class TrainWidget(QWidget):
         shared = self.state.refiner_checkpoint if method == "cascadepsp" else self.state.checkpoint
         if shared and (method == "cascadepsp" or self.state.method in sources):
             paths.append(str(shared))
+        if self._checkpoints is None:
+            self._checkpoints = CheckpointManager()  # kept: it remembers what it read (listing loads each file)
         try:
-            infos = [i for i in CheckpointManager().list(include_starters=method != "cascadepsp") if i.ok]
+            infos = [i for i in self._checkpoints.list(include_starters=method != "cascadepsp") if i.ok]
         except Exception:  # noqa: BLE001 - an unreadable folder must not break the dock
             infos = []
         paths += [str(i.path) for i in infos if i.method in sources and str(i.path) not in paths]
@@ -216,6 +219,15 @@ class TrainWidget(QWidget):
         for path in paths:
             self.init_combo.addItem(Path(path).name, path)
         self.init_combo.setCurrentIndex(0)
+
+    def _offer_shared_checkpoint(self, *_) -> None:
+        """A checkpoint just trained or loaded elsewhere becomes the first choice of 'Start from' when the chosen
+        method can start from it (nothing is read: this runs when a run ends, on the GUI thread)."""
+        method = self.method_combo.currentText()
+        if method == "cascadepsp" and self.state.refiner_checkpoint:
+            self.set_init(self.state.refiner_checkpoint)
+        elif method == "magnet" and self.state.checkpoint and self.state.method in ("grnet", "magnet"):
+            self.set_init(self.state.checkpoint)
 
     def _browse_init(self) -> None:
         from qtpy.QtWidgets import QFileDialog
