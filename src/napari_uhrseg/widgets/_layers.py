@@ -50,6 +50,13 @@ def pyramid_for_layer(layer):
                    name=layer.name, path=None)
 
 
+def same_units(layer, image_layer) -> None:
+    """Give ``layer`` the world units of ``image_layer`` (napari warns, and ignores units, when layers differ)."""
+    units = getattr(image_layer, "units", None)
+    if units is not None and len(units) >= 2 and tuple(getattr(layer, "units", ())[-2:]) != tuple(units[-2:]):
+        layer.units = tuple(units[-2:])
+
+
 def image_geometry(layer) -> tuple[np.ndarray, np.ndarray]:
     """(scale, translate) of the image layer's last two spatial axes (y, x), world units per level-0 pixel."""
     scale = np.asarray(layer.scale, dtype=float)[-2:]
@@ -124,6 +131,7 @@ def add_or_update_labels(viewer, image_layer, result, *, class_names=None):
     else:
         layer = viewer.add_labels(data, name=name, scale=scale, translate=translate, opacity=LABELS_OPACITY,
                                   multiscale=multiscale)
+    same_units(layer, image_layer)
     from napari_uhrseg.widgets.export import _unit_of
 
     unit = _unit_of(image_layer)
@@ -200,5 +208,6 @@ def add_or_update_patches(viewer, image_layer, records: list[dict], *, new: list
         layer = viewer.add_shapes(name=name, scale=scale, translate=translate, shape_type="rectangle",
                                   face_color="transparent", opacity=0.9)
         new = None
+    same_units(layer, image_layer)
     set_patch_shapes(layer, records, new=new)
     return layer

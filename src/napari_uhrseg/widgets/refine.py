@@ -146,6 +146,9 @@ class RefineWidget(QWidget):
                                            scale=labels.scale, translate=labels.translate, opacity=0.4)  # fmt: skip
             brush.mode = "paint"
             brush.brush_size = 20
+            from napari_uhrseg.widgets._layers import same_units
+
+            same_units(brush, labels)
         return self.viewer.layers[BRUSH_NAME]
 
     def activate_brush(self):
