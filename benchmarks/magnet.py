@@ -43,8 +43,9 @@ def run_config(name: str, methods: dict, rgb: np.ndarray):
     one window."""
     with RssSampler() as rss:
         t0, c0 = time.perf_counter(), time.process_time()
-        if name == "backbone":
-            probs, stages = methods["magnet"].backbone_only(rgb), None
+        if name.startswith("backbone"):
+            side = int(name.split("@")[1]) if "@" in name else None
+            probs, stages = methods["magnet"].backbone_only(rgb, side), None
         else:
             pred = methods[name].predict(rgb)
             probs, stages = pred.probabilities, pred.artefacts["stages"]
@@ -84,14 +85,14 @@ def heat(u: np.ndarray) -> np.ndarray:
 
 
 def save_figure(path: Path, panels: list[np.ndarray], side: int = 408) -> None:
-    """Panels (RGB) side by side, each resized to ``side`` px, 8 px apart, as a PNG."""
+    """Panels (RGB) side by side, each resized to ``side`` px, 8 px apart, as a JPEG (quality 85) or PNG."""
     import cv2
 
     tiles = [cv2.resize(p, (side, side), interpolation=cv2.INTER_AREA) for p in panels]
     gap = np.full((side, 8, 3), 255, np.uint8)
     row = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), row[..., ::-1])
+    cv2.imwrite(str(path), row[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
 
 
 def main(argv=None) -> int:
@@ -102,16 +103,20 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--figures", help="folder for the figure PNGs (docs)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one MagNet-Fast window")
+    p.add_argument("--backbone-side", type=int, default=0,
+                   help="also report the backbone alone on the window resized to this side (e.g. 512, the input a "
+                        "reused GRNet fast G-branch was trained at); for information, not one of the bars")
     args = p.parse_args(argv)
+    configs = CONFIGS + ((f"backbone@{args.backbone_side}",) if args.backbone_side else ())
     torch.set_num_threads(args.threads)
     tiles = args.tiles.split(",") if args.tiles else deepglobe_split()["test"]
     methods = {"magnet": MagNet.from_checkpoint(args.checkpoint), "magnet-fast": MagNetFast.from_checkpoint(args.checkpoint)}
     num_classes = len(methods["magnet"].class_names)
-    cms = {c: ConfusionMatrix(num_classes, ignore_index=0) for c in CONFIGS}
-    seconds = {c: [] for c in CONFIGS}
-    cpu_seconds = {c: [] for c in CONFIGS}
-    peak = {c: 0.0 for c in CONFIGS}
-    inside = {c: [0, 0, 0] for c in CONFIGS}
+    cms = {c: ConfusionMatrix(num_classes, ignore_index=0) for c in configs}
+    seconds = {c: [] for c in configs}
+    cpu_seconds = {c: [] for c in configs}
+    peak = {c: 0.0 for c in configs}
+    inside = {c: [0, 0, 0] for c in configs}
     warm, _ = load_deepglobe_tile(tiles[0])
     for name in ("magnet-fast", "magnet"):  # warm-up on a full window: scripted refiner, allocator, thread pool
         methods[name].predict(warm)
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     for tile in tiles:
         rgb, gt = load_deepglobe_tile(tile)
         panels = [rgb, colour(gt)]
-        for c in CONFIGS:
+        for c in configs:
             labels, u, stages, sec, cpu, rss = run_config(c, methods, rgb)
             cms[c].update(labels, gt)
             seconds[c].append(sec)
@@ -131,22 +136,22 @@ def main(argv=None) -> int:
             inside[c] = [inside[c][0] + a, inside[c][1] + b, inside[c][2] + n]
             print(f"{tile} {c:12s} {sec:7.2f} s (CPU {cpu:6.2f} s)  errors in top-10% uncertainty {a / max(b, 1):.1%} "
                   f"(best possible {min(1, TOP_SHARE * n / max(b, 1)):.1%})", flush=True)
-            if c != "backbone":
+            if not c.startswith("backbone"):
                 panels += [colour(labels), heat(u)]
                 if args.figures and c == "magnet":
                     maps = [heat(s["query_map"]) for s in stages]
-                    save_figure(Path(args.figures) / f"magnet_stages_{tile}.png", [rgb, *maps])
-            else:
+                    save_figure(Path(args.figures) / f"magnet_stages_{tile}.jpg", [rgb, *maps])
+            elif c == "backbone":
                 panels.append(colour(labels))
         if args.figures:
-            save_figure(Path(args.figures) / f"magnet_{tile}.png", panels)
+            save_figure(Path(args.figures) / f"magnet_{tile}.jpg", panels)
     load_after = os.getloadavg()
     results = {"checkpoint": str(args.checkpoint), "tiles": tiles, "threads": args.threads,
                "load_average_before": load_before, "load_average_after": load_after,
                "classes": DEEPGLOBE_CLASSES[1:], "configs": {}}
     print(f"\n{'configuration':14s} {'mIoU':>6s}  " + " ".join(f"{n[:6]:>6s}" for n in DEEPGLOBE_CLASSES[1:])
           + "  s/window  (CPU s)  peak RSS MiB  errors in top-10% (best possible)")
-    for c in CONFIGS:
+    for c in configs:
         miou, per_class = cms[c].miou(exclude=(0,))
         share = inside[c][0] / max(inside[c][1], 1)
         best = min(1.0, TOP_SHARE * inside[c][2] / max(inside[c][1], 1))

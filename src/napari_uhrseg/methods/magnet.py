@@ -759,13 +759,18 @@ class MagNet(Method):
         }
         return Prediction(probabilities.numpy(), artefacts)
 
-    def backbone_only(self, window: np.ndarray) -> np.ndarray:
+    def backbone_only(self, window: np.ndarray, input_side: int | None = None) -> np.ndarray:
         """The backbone alone (the paper's "Downsample" baseline): probabilities ``(C, H, W)`` of the window
-        resized to the model input."""
+        resized to the model input (or to ``input_side`` px on its long side, e.g. the size a reused GRNet
+        G-branch was trained at)."""
         with torch.inference_mode():
             pixels = WindowPixels(window, _device_of(self.net))
             crop = _scale_shapes(pixels.shape, self.schedule)[0]
-            whole = pixels.read([(0, 0, *pixels.shape)], _input_shape(crop, self.schedule))
+            size = _input_shape(crop, self.schedule)
+            if input_side:
+                f = input_side / max(pixels.shape)
+                size = (max(1, round(pixels.shape[0] * f)), max(1, round(pixels.shape[1] * f)))
+            whole = pixels.read([(0, 0, *pixels.shape)], size)
             p = self.inference_net.segment(whole)[0].cpu()
             return resize_maps(p, pixels.shape).numpy()
 
