@@ -187,8 +187,8 @@ def run(args) -> int:
         say(f"unknown shot(s) {', '.join(sorted(unknown))}: choose from {', '.join(SHOTS)}")
         return 2
     work = Path(tempfile.mkdtemp(prefix="uhrseg-docs-"))
-    os.environ.setdefault("UHRSEG_CHECKPOINT_DIR", str(work / "checkpoints"))
-    os.environ.setdefault("UHRSEG_AUTOSAVE_DIR", str(work / "autosave"))
+    os.environ["UHRSEG_CHECKPOINT_DIR"] = str(work / "checkpoints")  # never the user's folders
+    os.environ["UHRSEG_AUTOSAVE_DIR"] = str(work / "autosave")
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
 
