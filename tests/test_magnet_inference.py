@@ -64,7 +64,7 @@ def reference_inference(net, rgb: np.ndarray, schedule: mg.Schedule):
             a, b = round(y0 * fy), round(x0 * fx)
             scores.append(float(uncertainty[a : max(a + 1, round(y1 * fy)), b : max(b + 1, round(x1 * fx))].mean()))
         ranked = sorted(range(len(boxes)), key=lambda i: -scores[i])
-        keep = ranked if schedule.n_patches < 0 else ranked[: schedule.n_patches]
+        keep = sorted(ranked if schedule.n_patches < 0 else ranked[: schedule.n_patches])  # pasted in grid order
 
         previous = mg.resize_maps(probabilities, scale)
         refined_sum = torch.zeros_like(previous)
@@ -189,3 +189,24 @@ def test_inference_net_folds_the_real_backbone_without_changing_it():
     with torch.inference_mode():
         torch.testing.assert_close(mg.InferenceNet(net).segment(images), net.segment(images), atol=1e-4, rtol=0)
     assert any(isinstance(m, nn.BatchNorm2d) for m in net.backbone.branch.backbone.modules())  # net untouched
+
+
+@pytest.mark.parametrize("k", [1, 37, 150, 263])
+def test_top_k_over_refined_patches_equals_top_k_over_the_canvas(k):
+    """Overlapping patch boxes and many ties (scores on a coarse grid of values): the per-patch selection picks
+    the same pixels as ``top_k_mask`` over the whole canvas."""
+    g = torch.Generator().manual_seed(k)
+    shape = (20, 30)
+    q = torch.randint(0, 4, shape, generator=g).float() / 4
+    inner = {0: (0, 0, 12, 14), 2: (8, 10, 20, 25), 5: (2, 20, 9, 30)}
+    covered = torch.zeros(shape, dtype=torch.bool)
+    for y0, x0, y1, x1 in inner.values():
+        covered[y0:y1, x0:x1] = True
+    pasted = {i: (torch.zeros(1, b[2] - b[0], b[3] - b[1]), q[b[0]:b[2], b[1]:b[3]].clone()) for i, b in inner.items()}
+    parts = mg._average_pasted(inner, pasted)  # equal scores on overlaps: the average is the score itself
+    masks = mg._top_k_in_parts(parts, k, shape[1])
+    got = torch.zeros(shape, dtype=torch.bool)
+    for (box, _, _, _), m in zip(parts, masks):
+        got[box[0]:box[2], box[1]:box[3]] = m
+    assert torch.equal(got, mg.top_k_mask(q, covered, k))
+    assert int(got.sum()) == min(k, int(covered.sum()))

@@ -456,6 +456,76 @@ def top_k_mask(query_map: torch.Tensor, covered: torch.Tensor, k: int) -> torch.
     return mask.view_as(covered)
 
 
+def _intersection(a, b):
+    y0, x0, y1, x1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    return (y0, x0, y1, x1) if y1 > y0 and x1 > x0 else None
+
+
+def _within(box, outer) -> tuple[slice, slice]:
+    """Slices of ``box`` in the pixels of ``outer`` (which contains it)."""
+    return slice(box[0] - outer[0], box[2] - outer[0]), slice(box[1] - outer[1], box[3] - outer[1])
+
+
+def _average_pasted(inner: dict, pasted: dict) -> list[tuple]:
+    """Per refined patch ``i`` (grid order): its inner box, the refined probabilities and query scores averaged
+    over every patch pasted on each of its pixels (summed in grid order, so a pixel gets the same numbers in
+    every box that covers it), and the mask of its pixels no earlier patch covers (None: all of them)."""
+    order = sorted(inner)
+    parts = []
+    for i in order:
+        box = inner[i]
+        others = [(j, _intersection(box, inner[j])) for j in order if j != i]
+        others = [(j, r) for j, r in others if r is not None]
+        refined, query = pasted[i]
+        owned = None
+        if others:
+            refined_sum, query_sum = torch.zeros_like(refined), torch.zeros_like(query)
+            count = torch.zeros_like(query)
+            for j in order:
+                r = box if j == i else _intersection(box, inner[j])
+                if r is None:
+                    continue
+                (ys, xs), (yj, xj) = _within(r, box), _within(r, inner[j])
+                refined_sum[:, ys, xs] += pasted[j][0][:, yj, xj]
+                query_sum[ys, xs] += pasted[j][1][yj, xj]
+                count[ys, xs] += 1
+            refined, query = refined_sum / count, query_sum / count
+            owned = torch.ones(query.shape, dtype=torch.bool, device=query.device)
+            for j, r in others:
+                if j < i:
+                    owned[_within(r, box)] = False
+        parts.append((box, refined, query, owned))
+    return parts
+
+
+def _top_k_in_parts(parts: list[tuple], k: int, width: int) -> list[torch.Tensor]:
+    """``top_k_mask`` over the pixels of the refined patches only: one ``kthvalue`` over their query scores
+    (each pixel counted once), ties at the threshold in the scale's raster order. Returns a mask per part."""
+    values = [q.reshape(-1) if owned is None else q[owned] for _, _, q, owned in parts]
+    values = torch.cat(values) if values else torch.empty(0)
+    n = values.numel()
+    k = min(int(k), n)
+    if k <= 0:
+        return [torch.zeros(q.shape, dtype=torch.bool, device=q.device) for _, _, q, _ in parts]
+    if k == n:
+        return [torch.ones(q.shape, dtype=torch.bool, device=q.device) for _, _, q, _ in parts]
+    threshold = values.kthvalue(n - k + 1).values
+    missing = k - int((values > threshold).sum())
+    masks = [q > threshold for _, _, q, _ in parts]
+    if missing > 0:  # the first `missing` tied pixels in raster order, wherever they are
+        def tied(box, q, owned):
+            m = q == threshold if owned is None else (q == threshold) & owned
+            ys, xs = torch.nonzero(m, as_tuple=True)
+            return ys, xs, (ys + box[0]) * width + (xs + box[1])
+
+        taken = torch.sort(torch.cat([tied(box, q, owned)[2] for box, _, q, owned in parts])).values[:missing]
+        for mask, (box, _, q, _) in zip(masks, parts):
+            ys, xs, lin = tied(box, q, None)
+            hit = torch.isin(lin, taken)
+            mask[ys[hit], xs[hit]] = True
+    return masks
+
+
 def refine_scale(
     forward,
     window: WindowPixels,
@@ -472,7 +542,8 @@ def refine_scale(
     probabilities of the previous stage on its own canvas. The prediction at this scale is the previous one
     upsampled, except at the top-k query points of the refined patches, which take the refined prediction
     (overlapping patches averaged). Returns it ``(C, *shape)`` and the stage record (query map and replaced
-    points over the scale, patches; this scale's pixels).
+    points over the scale, patches; this scale's pixels). Refined probabilities and query scores exist only
+    inside the refined patches.
     """
     shape = (int(shape[0]), int(shape[1]))
     boxes = patch_boxes(shape, crop)
@@ -482,11 +553,8 @@ def refine_scale(
     model_input = _input_shape(crop, schedule)
     border = round(schedule.border_fraction * min(crop))
     inner = {i: inner_box(boxes[i], shape, border) for i in keep}
-    refined_sum = torch.empty_like(canvas)  # valid inside the inner boxes only
-    query_sum = torch.zeros(shape, device=canvas.device)
-    count = torch.zeros(shape, device=canvas.device)
-    for y0, x0, y1, x1 in inner.values():
-        refined_sum[:, y0:y1, x0:x1] = 0
+    inner = {i: b for i, b in inner.items() if b[2] > b[0] and b[3] > b[1]}
+    pasted = {}
     for start in range(0, len(keep), batch_size):
         chosen = keep[start : start + batch_size]
         fine = forward.segment(window.read([map_box(boxes[i], shape, window.shape) for i in chosen], model_input))
@@ -495,28 +563,28 @@ def refine_scale(
         refined = torch.softmax(forward.refine(coarse, fine), dim=1)
         query = query_score(refined, coarse, schedule.median_kernel)
         for j, i in enumerate(chosen):
-            y0, x0, y1, x1 = boxes[i]
-            iy0, ix0, iy1, ix1 = inner[i]
-            if iy1 <= iy0 or ix1 <= ix0:
-                continue
-            sy, sx = slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0)
-            # Accumulate and average: overlapping patches must not overwrite each other.
-            refined_sum[:, iy0:iy1, ix0:ix1] += resize_maps(refined[j], (y1 - y0, x1 - x0))[:, sy, sx]
-            query_sum[iy0:iy1, ix0:ix1] += resize_maps(query[j], (y1 - y0, x1 - x0))[sy, sx]
-            count[iy0:iy1, ix0:ix1] += 1
-    covered = count > 0
-    query_map = query_sum.div_(count.clamp(min=1))  # 0 where no patch was pasted
+            if i in inner:  # the pasted part: the patch less its inner border, at this scale
+                y0, x0, y1, x1 = boxes[i]
+                sy, sx = _within(inner[i], boxes[i])
+                pasted[i] = (resize_maps(refined[j], (y1 - y0, x1 - x0))[:, sy, sx],
+                             resize_maps(query[j], (y1 - y0, x1 - x0))[sy, sx])
+    # Accumulate and average: overlapping patches must not overwrite each other.
+    parts = _average_pasted(inner, pasted)
     k = points_to_replace(schedule.n_points, shape[0] * shape[1], len(keep), len(boxes))
-    replaced = top_k_mask(query_map, covered, k)
-    for y0, x0, y1, x1 in inner.values():
+    masks = _top_k_in_parts(parts, k, shape[1])
+    query_map = torch.zeros(shape, device=canvas.device)  # 0 where no patch was pasted
+    replaced = torch.zeros(shape, dtype=torch.bool, device=canvas.device)
+    for (box, refined, query, _), mask in zip(parts, masks):
+        y0, x0, y1, x1 = box
         region = canvas[:, y0:y1, x0:x1]
-        average = refined_sum[:, y0:y1, x0:x1] / count[y0:y1, x0:x1].clamp(min=1)
-        region.copy_(torch.where(replaced[y0:y1, x0:x1], average, region))
+        region.copy_(torch.where(mask, refined, region))
+        query_map[y0:y1, x0:x1] = query
+        replaced[y0:y1, x0:x1] = mask
     record = {
         "scale": shape,
         "query_map": query_map,
         "replaced": replaced,
-        "patches": [{"box": b, "score": s, "selected": i in inner} for i, (b, s) in enumerate(zip(boxes, scores))],
+        "patches": [{"box": b, "score": s, "selected": i in keep} for i, (b, s) in enumerate(zip(boxes, scores))],
     }
     return canvas, record
 
