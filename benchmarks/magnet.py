@@ -27,12 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import napari_uhrseg` sets it, before torch loads OpenMP
 
-from napari_uhrseg.datasets import DEEPGLOBE_CLASSES, DEEPGLOBE_COLORS, deepglobe_split, load_deepglobe_tile
-from napari_uhrseg.methods.magnet import MagNet, MagNetFast, certainty_map
-from napari_uhrseg.metrics import ConfusionMatrix, RssSampler
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from napari_uhrseg.datasets import DEEPGLOBE_CLASSES, DEEPGLOBE_COLORS, deepglobe_split, load_deepglobe_tile  # noqa: E402
+from napari_uhrseg.methods.magnet import MagNet, MagNetFast, certainty_map  # noqa: E402
+from napari_uhrseg.metrics import ConfusionMatrix, RssSampler  # noqa: E402
 
 CONFIGS = ("backbone", "magnet", "magnet-fast")
 TOP_SHARE = 0.10  # the "10 % most uncertain area"

@@ -6,7 +6,15 @@ Imports are lazy so that ``import napari_uhrseg`` stays cheap (no torch, no Qt).
 """
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# torch's OpenMP worker threads sleep when idle instead of spinning. Where the cores are shared (other jobs, the
+# napari GUI thread), spinning threads made 2-thread inference ~3× slower than 1 thread (MagNet-Fast, 2448² window:
+# 12.5 s against 4.8 s with this, docs/methods/magnet.md). Read by OpenMP when torch loads it, so it only applies
+# when this package is imported first (the ``uhrseg`` command, the napari plugin); a user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _LAZY = {
     "open_pyramid": ("napari_uhrseg.io.pyramid", "open_pyramid"),
