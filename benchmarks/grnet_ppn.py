@@ -38,6 +38,8 @@ def train(args, device: str) -> Path:
     torch.manual_seed(args.seed)
     data = RandomCrops(items, cfg["crop"], ignore_zero=True, seed=args.seed)
     model = GRNet(cfg, len(DEEPGLOBE_CLASSES) - 1, pretrained=True)
+    if args.init:
+        start_from(model, Path(args.init))
     trainer = GRNetTrainer(model, cfg, data, [], class_names=DEEPGLOBE_CLASSES, class_colors=DEEPGLOBE_COLORS,
                            ignore_index=0, total_steps=10**9, batch_size=cfg["batch_size"], device=device,
                            round_steps=args.round_steps, extra_meta={"trained_on": "deepglobe " + ",".join(split["train"])})
@@ -73,6 +75,20 @@ def train(args, device: str) -> Path:
     out = trainer.save(Path(args.out), step=step + 1, best=None, training_state=False)
     print(f"trained {step + 1} steps in {(time.perf_counter() - t0) / 60:.1f} min -> {out}", flush=True)
     return out
+
+
+def start_from(model: GRNet, path: Path) -> None:
+    """Continue from an earlier run's weights. A checkpoint made before ``aggregation_residual`` had plain
+    aggregation convs: their last conv is reset to zero so that the model starts from the G-branch's view."""
+    from napari_uhrseg.methods.base import load_checkpoint
+    from napari_uhrseg.methods.presets import checkpoint_architecture
+
+    state, meta = load_checkpoint(path, method="grnet", class_names=DEEPGLOBE_CLASSES)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    if model.cfg["aggregation_residual"] and not checkpoint_architecture(meta)["aggregation_residual"]:
+        torch.nn.init.zeros_(model.aggregation[-1].weight)
+        torch.nn.init.zeros_(model.aggregation[-1].bias)
+    print(f"starting from {path} (step {meta.get('step')})", flush=True)
 
 
 def configurations(rules: str) -> list[tuple[str, dict]]:
@@ -118,6 +134,7 @@ def main(argv=None) -> int:
     p.add_argument("--time-threads", type=int, default=2)
     p.add_argument("--train-threads", type=int, help="torch CPU threads while training (default: all cores)")
     p.add_argument("--checkpoint", help="evaluate this checkpoint instead of training")
+    p.add_argument("--init", help="train on from this checkpoint's weights (e.g. with --global-share 0)")
     p.add_argument("--out", default="bench_out/grnet_deepglobe.pt")
     p.add_argument("--rules", default="threshold:0.5,topk:2,topk:4,topk:6")
     p.add_argument("--batch-size", type=int, default=2)

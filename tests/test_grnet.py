@@ -139,3 +139,35 @@ def test_out_of_memory_halves_the_patch_batch(model, monkeypatch):
     pred = m.predict(window(128, 128, 4))
     assert sizes[:3] == [16, 8, 4] and sum(s for s in sizes if s <= 4) == 16
     assert all(p["selected"] for p in pred.artefacts["patches"])
+
+
+def test_residual_aggregation_starts_from_the_global_view():
+    """fast preset: before training, refining every patch gives exactly the G-branch's output; after one
+    gradient step on the aggregation it no longer does (the correction is live, not a constant)."""
+    torch.manual_seed(0)
+    cfg = grnet_preset("fast", global_size=64, refine_size=32)
+    assert cfg["aggregation_residual"] and not GRNET_PRESETS["paper"]["aggregation_residual"]
+    net = GRNet(cfg, 3, pretrained=False)
+    method = GRNetMethod(net, ["unknown", "a", "b", "c"], settings=GRNetSettings(grid=2))
+    window = np.random.default_rng(1).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    glob = method.predict(window, context={"mode": "global"}).probabilities
+    every = method.predict(window, context={"mode": "all"}).probabilities
+    # equal up to resampling: refined cells are upsampled from the R-branch's 1/4 grid, the global from 1/4 of 64
+    assert np.abs(glob - every).max() < 0.05
+    with torch.no_grad():
+        net.aggregation[-1].bias += torch.tensor([3.0, 0.0, 0.0])
+    shifted = method.predict(window, context={"mode": "all"}).probabilities
+    assert (shifted[1] > glob[1] + 0.2).mean() > 0.9
+
+
+def test_checkpoints_older_than_residual_aggregation_load_as_plain(tmp_path):
+    from napari_uhrseg.methods.presets import checkpoint_architecture
+
+    cfg = grnet_preset("fast", global_size=64, refine_size=32, aggregation_residual=False)
+    net = GRNet(cfg, 3, pretrained=False)
+    meta = checkpoint_meta(cfg, ["unknown", "a", "b", "c"], None, 0, net, GRNetSettings(grid=2))
+    del meta["architecture"]["aggregation_residual"]  # as written before the key existed
+    assert checkpoint_architecture(meta)["aggregation_residual"] is False
+    path = save_checkpoint(tmp_path / "old.pt", net.state_dict(), meta)
+    loaded = GRNetMethod.from_checkpoint(path)
+    assert loaded.model.cfg["aggregation_residual"] is False

@@ -198,7 +198,10 @@ def _grnet_builder(items, class_names, class_colors, settings: TrainingSettings,
     overrides = dict(lr=settings.lr, batch_size=settings.batch_size, window=crop,
                      global_size=min(base["global_size"], crop),
                      refine_size=min(base["refine_size"], max(32, crop // base["grid"])))
-    overrides.update(resume_meta.get("architecture", {}))  # the checkpoint's network wins
+    if resume_meta:  # the checkpoint's network wins
+        from napari_uhrseg.methods.presets import checkpoint_architecture
+
+        overrides.update(checkpoint_architecture(resume_meta))
     cfg = grnet_preset(preset, **overrides)
     cfg["crop"] = crop
     torch.manual_seed(settings.seed)

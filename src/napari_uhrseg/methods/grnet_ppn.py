@@ -14,6 +14,9 @@ A window I (H x W working-level pixels) is cut into ``grid x grid`` non-overlapp
    aggregation convs (3,3,A), (3,3,A), (1,1,Nc). As the paper says, unselected patches stay unchanged: there the
    output is the G-branch's. So the aggregation is evaluated on the selected patches only, at the R-branch's
    feature resolution (its 3x3 convs see zero padding at patch borders instead of the neighbouring patch).
+   With ``aggregation_residual`` (the ``fast`` preset; not in the paper) the convs predict a correction that is
+   added to the G-branch's logits of the patch, starting at zero: refining a patch then starts from the global
+   view instead of from scratch, which is what a short training budget needs (see ``methods/presets.py``).
 
 Classes: a checkpoint's ``class_names`` are the label values (index = value). With ``ignore_index = 0``
 (scribbles, DeepGlobe's "unknown") the network predicts the K = len(class_names) - 1 real classes and
@@ -35,7 +38,7 @@ from torch import nn
 from napari_uhrseg.errors import CheckpointError, UhrsegError
 from napari_uhrseg.engine.train import confusion, labelled_points, miou, point_focal_loss, sample_logits
 from napari_uhrseg.methods.base import Method, Prediction, load_checkpoint, register_method, save_checkpoint
-from napari_uhrseg.methods.presets import GRNET_ARCH_KEYS, grnet_preset
+from napari_uhrseg.methods.presets import GRNET_ARCH_KEYS, checkpoint_architecture, grnet_preset
 from napari_uhrseg.nn.backbones import build_backbone
 from napari_uhrseg.nn.fpn import FPN, merge_levels
 from napari_uhrseg.nn.losses import focal_loss
@@ -101,6 +104,9 @@ class GRNet(nn.Module):
             nn.Conv2d(2 * ch, agg, 3, padding=1, bias=False), nn.BatchNorm2d(agg), nn.ReLU(inplace=True),
             nn.Conv2d(agg, agg, 3, padding=1, bias=False), nn.BatchNorm2d(agg), nn.ReLU(inplace=True),
             nn.Conv2d(agg, num_classes, 1))
+        if self.cfg["aggregation_residual"]:  # a correction of the G-branch's logits that starts at zero
+            nn.init.zeros_(self.aggregation[-1].weight)
+            nn.init.zeros_(self.aggregation[-1].bias)
         self.refine_calls = 0  # patches sent through the R-branch (tests check unselected ones are skipped)
 
     def forward_global(self, window01: torch.Tensor, size: int | None = None):
@@ -122,7 +128,10 @@ class GRNet(nn.Module):
         saliency = 2.0 * torch.sigmoid(self.saliency(prob))
         feat_r, logits_r = self.refine_branch(patches01, saliency)
         feat_g = F.interpolate(global_feat, size=feat_r.shape[-2:], mode="bilinear", align_corners=False)
-        return self.aggregation(torch.cat([feat_g, feat_r], 1)), logits_r
+        fused = self.aggregation(torch.cat([feat_g, feat_r], 1))
+        if self.cfg["aggregation_residual"]:
+            fused = fused + F.interpolate(global_logits, size=fused.shape[-2:], mode="bilinear", align_corners=False)
+        return fused, logits_r
 
 
 def cell_slices(cell: int, i: int, grid: int) -> tuple[slice, slice]:
@@ -187,7 +196,7 @@ class GRNetMethod(Method):
     def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "cpu", class_names=None,
                         **settings) -> "GRNetMethod":
         state, meta = load_checkpoint(path, method="grnet", class_names=class_names)
-        cfg = grnet_preset(meta["preset"], **meta.get("architecture", {}))
+        cfg = grnet_preset(meta["preset"], **checkpoint_architecture(meta))
         ignore = meta.get("ignore_index", 0)
         k = len(meta["class_names"]) - (1 if ignore == 0 else 0)
         model = GRNet(cfg, k, pretrained=False)
@@ -602,7 +611,7 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             if "training_state" not in resume_meta:
                 raise CheckpointError(f"{args.resume} holds no training state: resume from the .last.pt file.")
         preset = (resume_meta or {}).get("preset") or args.preset or default_preset(dev.device)
-        arch = (resume_meta or {}).get("architecture", {})
+        arch = checkpoint_architecture(resume_meta) if resume_meta else {}
         grid = int(math.isqrt(args.patches)) if args.patches else None
         # a resumed run keeps the architecture it was started with
         overrides = dict(global_size=args.global_size, refine_size=args.refine_size)
