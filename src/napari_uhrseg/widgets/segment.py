@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import napari
 import numpy as np
@@ -39,6 +40,7 @@ from napari_uhrseg.widgets._common import (
 from napari_uhrseg.widgets.state import get_state
 
 REGIONS = ("Whole image", "Current view", "Drawn box")
+PATCHES_REFRESH_S = 1.0  # the PPN patch layer is brought up to date at most this often during a run
 
 
 def _sync_requested() -> bool:
@@ -58,6 +60,10 @@ class SegmentWidget(QWidget):
         self._worker = None
         self._cancel = threading.Event()
         self._records: list[dict] = []
+        self._unshown: list[dict] = []
+        self._shown_at = 0.0
+        self._pending: list = []  # windows a worker finished that are not shown yet
+        self._patches_due = False
         self._labels_layer = None
         self._image_layer = None
         self._method = None
@@ -244,6 +250,8 @@ class SegmentWidget(QWidget):
             self._on_error(exc)
             return None
         self._image_layer, self._labels_layer, self._records, self.result = image_layer, None, [], None
+        self._unshown, self._shown_at = [], 0.0  # overlay records not drawn yet, and when patches last were
+        self._pending = []
         self._level_downsample = float(self._pyramid.downsamples[params["level"]])
         self._cancel = threading.Event()
         self._set_running(True)
@@ -256,7 +264,8 @@ class SegmentWidget(QWidget):
         # GUI work a run needs, done here rather than while the worker runs, where it stalled the viewer (the
         # first window's new layers: ~0.5 s of layer, control-panel and vispy set-up); and full garbage
         # collections, which hold the GIL for a walk over napari's objects, are held off until the run ends.
-        self._placeholders = _prepare_output_layers(self.viewer, image_layer, params["method"])
+        self._placeholders = _prepare_output_layers(self.viewer, image_layer, params["method"],
+                                                    _class_names_of(params["method"], params["checkpoint"]))
         freeze_long_lived_objects()
         hold_full_collections(True)
         self._holding_gc = True
@@ -305,28 +314,65 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------------------------------ results
     def _on_event(self, ev) -> None:
+        """A finished window. From a worker, windows that arrive together (the GUI thread was busy) are shown
+        together on the next turn of the event loop, so the viewer updates once for all of them and the loop runs
+        in between; synchronous runs show each at once."""
+        if self._worker is None:
+            self._show_window(ev)
+            return
+        self._pending.append(ev)
+        if len(self._pending) == 1:
+            QTimer.singleShot(0, self._show_pending)
+
+    def _show_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for i, ev in enumerate(pending):
+            self._show_window(ev, refresh=i == len(pending) - 1)
+
+    def _show_window(self, ev, *, refresh: bool = True) -> None:
         if self._labels_layer is None:
             names = list(getattr(self._method, "class_names", []) or [])
             self._labels_layer = _layers.add_or_update_labels(self.viewer, self._image_layer, ev, class_names=names)
             self._labels_layer.metadata.pop("uhrseg_placeholder", None)  # filled: the run's output now
             self.state.labels_layer = self._labels_layer
             self.progress.setRange(0, ev.total)
-        else:
+        elif refresh:
             self._labels_layer.refresh()
         if np.ndim((ev.artefacts or {}).get("uncertainty")) == 2:  # MagNet: the heat map grows window by window
             from napari_uhrseg.widgets import uncertainty
 
             uncertainty.on_window_event(self.viewer, self._image_layer, ev, self._level_downsample)
         if ev.overlays:
-            first = not self._records
             self._records.extend(ev.overlays)
-            patches = _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
-                                                    new=None if first else ev.overlays)
-            patches.metadata.pop("uhrseg_placeholder", None)
+            self._unshown.extend(ev.overlays)
+        if refresh and self._unshown and (ev.index + 1 >= ev.total
+                                          or time.perf_counter() - self._shown_at >= PATCHES_REFRESH_S):
+            if self._worker is None:
+                self._show_patches()
+            elif not self._patches_due:  # on a turn of its own: the event loop runs between the two updates
+                self._patches_due = True
+                # (a real timer: Qt delivers a 0 ms single shot as a posted event, in the same batch as this one)
+                QTimer.singleShot(1, self._show_patches)
         self.progress.setValue(ev.index + 1)
         self.status.setText(f"window {ev.index + 1}/{ev.total}: {ev.seconds['total_s']:.2f} s")
 
+    def _show_patches(self) -> None:
+        """Add the patches not drawn yet to ``"<image> PPN patches"``. At most every ``PATCHES_REFRESH_S``: every
+        addition makes vispy rebuild the shapes' shaders (~20-40 ms each with software OpenGL)."""
+        self._patches_due = False
+        if not self._unshown or self._image_layer is None:
+            return
+        first = len(self._unshown) == len(self._records)
+        patches = _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
+                                                new=None if first else list(self._unshown))
+        patches.metadata.pop("uhrseg_placeholder", None)
+        self._unshown, self._shown_at = [], time.perf_counter()
+
     def _on_done(self, result) -> None:
+        if self._pending:
+            self._show_pending()
+        if self._unshown and self._image_layer is not None:
+            self._show_patches()
         self.result = result
         self._set_running(False)
         if self._labels_layer is not None:
@@ -345,6 +391,8 @@ class SegmentWidget(QWidget):
         self.finished.emit(result)
 
     def _on_error(self, exc) -> None:
+        if self._pending:  # the windows finished before the error stay
+            self._show_pending()
         self._set_running(False)
         self.status.setText(f"Failed: {exc}")
         notify_error(exc, "Segment")
@@ -371,10 +419,25 @@ class SegmentWidget(QWidget):
             self._drop_unused_placeholders()
 
 
-def _prepare_output_layers(viewer, image_layer, method: str) -> list:
+def _class_names_of(method: str, checkpoint: str | None) -> list[str] | None:
+    """The class names a run will show (the checkpoint's, or the method's starter's), read without the weights;
+    None when unknown (the first window's result then names them)."""
+    from napari_uhrseg.cli.segment import starter_checkpoint
+    from napari_uhrseg.methods.base import read_checkpoint_meta
+
+    try:
+        path = checkpoint or starter_checkpoint(method)
+        return [str(n) for n in read_checkpoint_meta(path)["class_names"]] if path else None
+    except Exception:  # noqa: BLE001 - the worker reports a bad checkpoint
+        return None
+
+
+def _prepare_output_layers(viewer, image_layer, method: str, class_names=None) -> list:
     """Empty output layers of a run on ``image_layer``, made before it starts (GUI thread): ``"<image> labels"``
-    (a 1 x 1 placeholder the first window replaces; a layer of an earlier run is reused as it is) and, for GRNet,
+    (a 1 x 1 placeholder the first window replaces, with the run's class colours already, so that napari builds
+    its colour shader now and not mid-run; a layer of an earlier run is reused as it is) and, for GRNet,
     ``"<image> PPN patches"``. Returns the layers made (placeholders until the first window fills them)."""
+    from napari_uhrseg.widgets.state import write_classes
 
     made = []
     if not any(lay.metadata.get("uhrseg_segment") == image_layer.name for lay in viewer.layers):
@@ -382,6 +445,8 @@ def _prepare_output_layers(viewer, image_layer, method: str) -> list:
         layer = viewer.add_labels(np.zeros((1, 1), np.uint8), name=f"{image_layer.name} labels", scale=scale,
                                   translate=translate, opacity=_layers.LABELS_OPACITY)
         layer.metadata.update({"uhrseg_segment": image_layer.name, "uhrseg_placeholder": True})
+        if class_names:
+            write_classes(layer, class_names)
         made.append(layer)
     if method == "grnet" and f"{image_layer.name} PPN patches" not in viewer.layers:
         scale, translate = _layers.image_geometry(image_layer)

@@ -157,7 +157,20 @@ def write_classes(layer, names, colors=None) -> None:
 
     names = [str(n) for n in names]
     rgba = [_rgba(c) for c in colors] if colors is not None else list(default_colors(len(names)))
-    layer.features = pd.DataFrame({"index": np.arange(len(names)), "class_name": names})
+    features = pd.DataFrame({"index": np.arange(len(names)), "class_name": names})
+    current = getattr(layer, "features", None)
+    if current is None or not current.reset_index(drop=True).equals(features):
+        layer.features = features
     color_dict = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
     color_dict.update({i: rgba[i] for i in range(1, len(names))})
-    layer.colormap = DirectLabelColormap(color_dict=color_dict)
+    if not _same_colormap(getattr(layer, "colormap", None), color_dict):
+        # (a new colormap makes napari rebuild the layer's shader: worth skipping when nothing changes)
+        layer.colormap = DirectLabelColormap(color_dict=color_dict)
+
+
+def _same_colormap(colormap, color_dict: dict) -> bool:
+    """Whether a layer's colormap already maps every label of ``color_dict`` to its colour (and nothing else)."""
+    have = getattr(colormap, "color_dict", None)
+    if have is None or set(have) != set(color_dict):
+        return False
+    return all(np.allclose(np.asarray(have[k], float), np.asarray(v, float)) for k, v in color_dict.items())
