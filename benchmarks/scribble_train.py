@@ -102,6 +102,15 @@ def run_config(name: str, pyramid, scribbles, gt, names, args) -> dict:
                            region=(y0, 0, h, w))
     seg_s = time.perf_counter() - t1
     pred = np.asarray(result.store.array)
+    live_s = None
+    if args.live and name == "cached":
+        # What the dock adds after each validation with "Live update of the view" on: the view (at most 2048², here
+        # the scene's centre) segmented with the model being trained.
+        c0 = (h - 2048) // 2, (w - 2048) // 2
+        t2 = time.perf_counter()
+        segment_image(pyramid, session.method(), level=0, window=args.crop, overlap=max(16, args.crop // 8),
+                      region=(c0[0], c0[1], c0[0] + 2048, c0[1] + 2048))
+        live_s = time.perf_counter() - t2
     truth = gt[y0:y0 + pred.shape[0], :pred.shape[1]].astype(np.int64) + 1
     cm = ConfusionMatrix(len(names), ignore_index=0).update(pred, truth)
     held_out, per_class = cm.miou()
@@ -115,6 +124,8 @@ def run_config(name: str, pyramid, scribbles, gt, names, args) -> dict:
         "held_out_segment_s": round(seg_s, 1), "peak_rss_mb": round(rss.peak_mb),
         "first_loss": round(float(np.mean(losses[:5])), 4), "last_loss": round(float(np.mean(losses[-5:])), 4),
         "torch_threads": torch.get_num_threads(),
+        "live_preview_2048_s": None if live_s is None else round(live_s, 1),
+        "validations": len(vals),
     }
     if cache is not None:
         row["cache"] = {**cache.stats.as_dict(), "entries": len(cache), "mb": round(cache.nbytes / 2**20, 1)}
@@ -133,6 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=3, help="stroke width (px)")
     p.add_argument("--length", type=int, default=300, help="stroke length (px)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--live", action="store_true",
+                   help="also time one live preview (a 2048² view segmented, as the dock does after each validation)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -166,7 +179,10 @@ def main(argv=None) -> int:
         print(f"{name:9s} round {row['round_s']:6.1f} s (setup {row['setup_s']:.1f} s), {row['s_per_step']:.3f} s/step, "
               f"val mIoU {row['val_miou_best']}, held-out mIoU {row['held_out_miou']:.3f}, "
               f"peak RSS {row['peak_rss_mb']} MB, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
-              + (f", cache {row['cache']}" if "cache" in row else "") + f"; load {row['load_after']}", flush=True)
+              + (f", cache {row['cache']}" if "cache" in row else "")
+              + (f"; live preview of a 2048² view {row['live_preview_2048_s']} s after each of the "
+                 f"{row['validations']} validations" if row["live_preview_2048_s"] is not None else "")
+              + f"; load {row['load_after']}", flush=True)
     summary = {"scribble_share": share, "load_before": [round(v, 2) for v in load_before],
                "threads": args.threads, "iterations": args.iterations, "crop": args.crop, "pool": args.pool,
                "rows": rows}

@@ -4,14 +4,15 @@ The dock gathers (image, labels) pairs, class names, the method and a few number
 ``napari_uhrseg.engine.scribbles`` in a worker thread: one ``TrainEvent`` per step feeds the progress bar and
 the loss / validation-mIoU curves; the best checkpoint goes to the user checkpoint folder (validation mIoU
 decides, ``engine.train.run_training`` writes it); Stop ends after the current step and keeps it; Resume goes on
-from the ``.last.pt`` state. With "Live update", each validation is followed — in the same worker, so the model
-is never used by two threads — by a segmentation of the part of the image on screen, shown as
-``"<image> live prediction"``.
+from the ``.last.pt`` state. With "Live update", the end of the round (and validations on the way, while the
+previews take at most ``LIVE_SHARE`` of the time) is followed — in the same worker, so the model is never used by
+two threads — by a segmentation of the part of the image on screen, shown as ``"<image> live prediction"``.
 """
 from __future__ import annotations
 
 import gc
 import threading
+import time
 from pathlib import Path
 
 import napari
@@ -46,6 +47,7 @@ from napari_uhrseg.widgets.state import get_state, read_classes, write_classes
 
 LIVE_MAX_SIDE = 2048  # level pixels: the live preview segments at most this much of the view, around its centre
 LIVE_METHODS = ("grnet", "magnet", "magnet-fast")  # segmenters; CascadePSP only refines a mask: no live preview
+LIVE_SHARE = 0.25  # previews during a round take at most this share of its time (the final one always runs)
 
 
 class TrainWidget(QWidget):
@@ -476,7 +478,8 @@ class TrainWidget(QWidget):
 # ---------------------------------------------------------------------------------- worker (no Qt here)
 def _train_job(job: dict, stop: threading.Event, live_box):
     """Generator run in the worker: reads the painted regions, builds the trainer, then yields ("train",
-    TrainEvent) per step and ("live", ...) after each validation. Returns (checkpoint, method, names, best)."""
+    TrainEvent) per step and ("live", ...) after the last step and after validations (within ``LIVE_SHARE``).
+    Returns (checkpoint, method, names, best)."""
     from napari_uhrseg.engine.scribbles import labelled_item, start_session
     from napari_uhrseg.engine.segment import segment_image
 
@@ -494,15 +497,22 @@ def _train_job(job: dict, stop: threading.Event, live_box):
     gc.freeze()
     best = session.best
     live = session.method_name in LIVE_METHODS
+    started, live_s = time.perf_counter(), 0.0
     for ev in session.events(stop=stop.is_set):
         best = ev.best_miou
         yield "train", ev
         box = live_box() if live else None
-        if ev.val_miou is not None and box is not None:
+        # The view is re-segmented when the round ends (or is stopped) and, on the way, after a validation as long
+        # as the previews have taken at most LIVE_SHARE of the time: a 2048² view is ~25 windows, and previewing
+        # after every validation would cost more than the training itself on a CPU.
+        due = ev.done or live_s <= LIVE_SHARE * (time.perf_counter() - started - live_s)
+        if ev.val_miou is not None and box is not None and due:
+            t0 = time.perf_counter()
             method = session.method()
             window = int(getattr(method, "window_size", None) or job["settings"].crop)  # what the model is made for
             result = segment_image(pyramids[0], method, level=levels[0], window=window,
                                    overlap=max(16, window // 8), region=box)
+            live_s += time.perf_counter() - t0
             yield "live", (result, job["image"], job["names"])
     return session.out, session.method_name, job["names"], best
 
