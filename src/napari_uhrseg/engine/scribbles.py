@@ -11,9 +11,10 @@ Label convention: 0 = unlabelled (ignored by the losses), 1..K = classes; ``clas
 Coordinates: ``labels`` are pixels of the chosen pyramid level (the *training level*), and the model learns at
 that level, so it should segment at the same level.
 
-Each trainable method provides a builder here (``_BUILDERS``); a method module that exposes its own
+Each trainable method provides a builder here (``_BUILDERS``: GRNet/PPN below, the MagNet refiner and CascadePSP
+fine-tuning in ``engine.scribble_trainers``); a method module that exposes its own
 ``build_scribble_trainer(items, class_names, class_colors, settings, resume_meta)`` joins the list without
-changes to this file.
+changes to this file. Frozen-backbone mode caches the frozen backbones' features (``engine.feature_cache``).
 """
 from __future__ import annotations
 
