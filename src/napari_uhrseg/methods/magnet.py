@@ -436,7 +436,8 @@ def select_patches(scores: list[float], n_patches: int) -> list[int]:
 def top_k_mask(query_map: torch.Tensor, covered: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` covered pixels with the highest ``query_map`` as a boolean map; ties at the threshold go in
     raster order (as a stable descending sort would take them). One ``kthvalue`` over the covered pixels
-    instead of a ``topk`` over the whole scale."""
+    instead of a ``topk`` over the whole scale. (The whole-canvas form of the rule; ``refine_scale`` applies it
+    to the refined patches' own pixels with ``_top_k_in_parts``.)"""
     flat_q, flat_c = query_map.reshape(-1), covered.reshape(-1)
     mask = torch.zeros_like(flat_c)
     values = flat_q[flat_c]
