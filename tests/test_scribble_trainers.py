@@ -154,6 +154,11 @@ def test_cascadepsp_fine_tunes_on_strokes_and_the_refine_dock_can_load_it(tmp_pa
     assert prob.shape == mask.shape and 0 <= prob.min() and prob.max() <= 1
     refined, given = session.trainer.scores()
     assert 0 <= refined <= 1 and 0 <= given <= 1
+    resumed = start_session("cascadepsp", [item], NAMES, settings=settings, out=tmp_path / "scene-cascadepsp.pt",
+                            resume=tmp_path / "scene-cascadepsp.last.pt")
+    assert resumed.start == 10 and resumed.total == 20
+    assert all(torch.equal(v, resumed.trainer.model.state_dict()[k])
+               for k, v in session.trainer.model.state_dict().items())
 
 
 def test_cascadepsp_wrong_start_or_too_few_classes_is_a_clear_message(tmp_path, scene_item, grnet_checkpoint):
@@ -165,3 +170,25 @@ def test_cascadepsp_wrong_start_or_too_few_classes_is_a_clear_message(tmp_path, 
     single = labelled_item(open_pyramid(image, name="scene"), one)
     with pytest.raises(UhrsegError, match="paint at least two classes"):
         start_session("cascadepsp", [single], NAMES, out=tmp_path / "x.pt", settings=TrainingSettings(iterations=2))
+
+
+def test_cascadepsp_samples_fully_painted_crops_as_the_paper_and_strokes_with_unknown_pixels():
+    from napari_uhrseg.engine.scribble_trainers import ScribbleRefinementData
+    from napari_uhrseg.engine.train import LabelledImage
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    dense = np.ones((200, 200), np.uint8)
+    dense[:, 100:] = 2  # two classes, every pixel painted
+    data = ScribbleRefinementData([LabelledImage(image, dense)], 64, seed=0, scale_range=(1.0, 1.0))
+    for _ in range(5):
+        img, gt, seg, painted = data.sample()
+        assert painted.all()  # the paper's case: the loss sees every pixel
+        assert set(np.unique(gt)) <= {0, 1} and set(np.unique(seg)) <= {0, 1}
+    strokes = np.zeros_like(dense)
+    strokes[::10] = dense[::10]
+    data = ScribbleRefinementData([LabelledImage(image, strokes)], 64, seed=0, scale_range=(1.0, 1.0))
+    img, gt, seg, painted = data.sample()
+    assert 0 < painted.mean() < 0.2
+    # the object's painted pixels are 1 and the other class's 0; unpainted ones only complete the degraded mask
+    assert set(np.unique(gt[painted])) == {0, 1}

@@ -506,12 +506,20 @@ def build_cascadepsp_trainer(items, class_names, class_colors, settings, resume_
     live preview is skipped."""
     from napari_uhrseg.engine.train import split_train_val
     from napari_uhrseg.methods.base import load_checkpoint
-    from napari_uhrseg.methods.cascadepsp import PRESETS, STARTER_CHECKPOINT, TRAIN_CROP, CascadePSP, RefinementModule
+    from napari_uhrseg.methods.cascadepsp import (
+        PRESETS,
+        STARTER_CHECKPOINT,
+        TRAIN_CROP,
+        CascadePSP,
+        Preset,
+        RefinementModule,
+    )
 
     torch.manual_seed(settings.seed)
     if resume_meta:
         preset, source = resume_meta["preset"], resume_meta.get("started_from")
-        model = RefinementModule(preset, pretrained=False)
+        arch = resume_meta.get("architecture")  # the widths it was made with (the fast preset's have changed)
+        model = RefinementModule(Preset(**arch) if isinstance(arch, dict) else preset, pretrained=False)
     else:
         path = Path(settings.init) if settings.init else STARTER_CHECKPOINT
         load_checkpoint(path, method="cascadepsp")  # a clear message for another method's checkpoint
