@@ -56,6 +56,24 @@ def run_config(name: str, methods: dict, rgb: np.ndarray):
     return probs.argmax(0).astype(np.uint8), uncertainty, stages, seconds, cpu, rss.peak_mb
 
 
+def set_malloc_policy(policy: str) -> str:
+    """Apply a glibc heap policy to this process (see ``--malloc``); returns what was set. On the project's VM,
+    memory the process freed and touches again costs a page fault per 4 KiB (docs/methods/magnet.md, "Speed"),
+    so the policy changes a MagNet-Fast window's CPU time by up to 2.5×."""
+    if policy == "engine":
+        from napari_uhrseg.memory import bound_native_heap
+
+        return f"bound_native_heap: {bound_native_heap()}"
+    if policy == "reuse":
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+        ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1 and libc.mallopt(m_trim_threshold, 512 << 20) == 1
+        return f"mmap threshold 256 MB, trim threshold 512 MB: {ok}"
+    return "glibc's own"
+
+
 def profile_window(method, rgb: np.ndarray, rows: int = 15) -> str:
     """A ``torch.profiler`` table (self CPU time) of one ``predict``."""
     from torch.profiler import ProfilerActivity, profile
@@ -105,12 +123,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--figures", help="folder for the figure PNGs (docs)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one MagNet-Fast window")
+    p.add_argument("--malloc", choices=["default", "engine", "reuse"], default="default",
+                   help="glibc heap policy of the process: glibc's own (default); the window engine's "
+                        "bound_native_heap (1 MB mmap threshold, what `uhrseg segment` runs with); or keep freed "
+                        "memory for reuse (256 MB mmap threshold, what CascadePSP's inference sets)")
     p.add_argument("--backbone-side", type=int, default=0,
                    help="also report the backbone alone on the window resized to this side (e.g. 512, the input a "
                         "reused GRNet fast G-branch was trained at); for information, not one of the bars")
     args = p.parse_args(argv)
     configs = CONFIGS + ((f"backbone@{args.backbone_side}",) if args.backbone_side else ())
     torch.set_num_threads(args.threads)
+    print(f"malloc policy: {args.malloc} ({set_malloc_policy(args.malloc)})", flush=True)
     tiles = args.tiles.split(",") if args.tiles else deepglobe_split()["test"]
     methods = {"magnet": MagNet.from_checkpoint(args.checkpoint), "magnet-fast": MagNetFast.from_checkpoint(args.checkpoint)}
     num_classes = len(methods["magnet"].class_names)
@@ -148,7 +171,7 @@ def main(argv=None) -> int:
         if args.figures:
             save_figure(Path(args.figures) / f"magnet_{tile}.jpg", panels)
     load_after = os.getloadavg()
-    results = {"checkpoint": str(args.checkpoint), "tiles": tiles, "threads": args.threads,
+    results = {"checkpoint": str(args.checkpoint), "tiles": tiles, "threads": args.threads, "malloc": args.malloc,
                "load_average_before": load_before, "load_average_after": load_after,
                "classes": DEEPGLOBE_CLASSES[1:], "configs": {}}
     print(f"\n{'configuration':14s} {'mIoU':>6s}  " + " ".join(f"{n[:6]:>6s}" for n in DEEPGLOBE_CLASSES[1:])
