@@ -60,17 +60,10 @@ def set_malloc_policy(policy: str) -> str:
     """Apply a glibc heap policy to this process (see ``--malloc``); returns what was set. On the project's VM,
     memory the process freed and touches again costs a page fault per 4 KiB (docs/methods/magnet.md, "Speed"),
     so the policy changes a MagNet-Fast window's CPU time by up to 2.5×."""
-    if policy == "engine":
-        from napari_uhrseg.memory import bound_native_heap
+    if policy == "package":
+        from napari_uhrseg.memory import tune_native_heap
 
-        return f"bound_native_heap: {bound_native_heap()}"
-    if policy == "reuse":
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
-        ok = libc.mallopt(m_mmap_threshold, 256 << 20) == 1 and libc.mallopt(m_trim_threshold, 512 << 20) == 1
-        return f"mmap threshold 256 MB, trim threshold 512 MB: {ok}"
+        return f"napari_uhrseg.memory.tune_native_heap: {tune_native_heap()}"
     return "glibc's own"
 
 
@@ -123,10 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--figures", help="folder for the figure PNGs (docs)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one MagNet-Fast window")
-    p.add_argument("--malloc", choices=["default", "engine", "reuse"], default="default",
-                   help="glibc heap policy of the process: glibc's own (default); the window engine's "
-                        "bound_native_heap (1 MB mmap threshold, what `uhrseg segment` runs with); or keep freed "
-                        "memory for reuse (256 MB mmap threshold, what CascadePSP's inference sets)")
+    p.add_argument("--malloc", choices=["package", "default"], default="package",
+                   help="glibc heap policy of the process: the package's (napari_uhrseg.memory, what `uhrseg "
+                        "segment`, the plugin and every checkpoint load apply; the default) or glibc's own")
     p.add_argument("--backbone-side", type=int, default=0,
                    help="also report the backbone alone on the window resized to this side (e.g. 512, the input a "
                         "reused GRNet fast G-branch was trained at); for information, not one of the bars")

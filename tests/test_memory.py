@@ -6,7 +6,7 @@ from napari_uhrseg import memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc settings")
-def test_bound_native_heap_applies_once_on_glibc(monkeypatch):
+def test_tune_native_heap_applies_once_on_glibc(monkeypatch):
     calls = []
     monkeypatch.setattr(memory, "_done", None)
     real = memory.ctypes.CDLL
@@ -21,17 +21,18 @@ def test_bound_native_heap_applies_once_on_glibc(monkeypatch):
             return self._lib.mallopt(param, value)
 
     monkeypatch.setattr(memory.ctypes, "CDLL", Spy)
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    assert memory.bound_native_heap(mmap_threshold=1 << 20, arenas=2) is True
-    assert calls == [(memory.M_MMAP_THRESHOLD, 1 << 20), (memory.M_ARENA_MAX, 2)]
-    assert memory.bound_native_heap() is True and len(calls) == 2  # once per process
+    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
+    assert memory.tune_native_heap(mmap_threshold=256 << 20, trim_threshold=512 << 20, arenas=2) is True
+    assert calls == [(memory.M_MMAP_THRESHOLD, 256 << 20), (memory.M_TRIM_THRESHOLD, 512 << 20),
+                     (memory.M_ARENA_MAX, 2)]
+    assert memory.tune_native_heap() is True and len(calls) == 3  # once per process
 
 
 def test_user_settings_are_left_alone(monkeypatch):
     monkeypatch.setattr(memory, "_done", None)
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    for var in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.setenv(var, "65536")
     seen = []
 
     class Fake:
@@ -43,5 +44,5 @@ def test_user_settings_are_left_alone(monkeypatch):
             return 1
 
     monkeypatch.setattr(memory.ctypes, "CDLL", Fake)
-    assert memory.bound_native_heap() is True
+    assert memory.tune_native_heap() is True
     assert seen == []

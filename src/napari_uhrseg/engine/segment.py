@@ -175,9 +175,9 @@ def iter_segment(
     spill_bytes : pending overlap strips larger than this go to a temporary folder on disk.
     """
     from napari_uhrseg.io.labels import create_label_store
-    from napari_uhrseg.memory import bound_native_heap
+    from napari_uhrseg.memory import tune_native_heap
 
-    bound_native_heap()  # else the resident size creeps up with the number of windows (see memory.py)
+    tune_native_heap()  # reuse freed memory without creeping up window after window (see memory.py)
     if not 0 <= level < len(pyramid.levels):
         raise UhrsegError(f"Level {level} does not exist: {pyramid.name} has levels 0..{len(pyramid.levels) - 1}.")
     level_shape = tuple(int(v) for v in pyramid.level_shape(level))

@@ -228,4 +228,7 @@ def load_checkpoint(
         )
     meta = blob["meta"]
     _check_meta(path, meta, method, class_names)
+    from napari_uhrseg.memory import tune_native_heap
+
+    tune_native_heap()  # a loaded model means passes over large tensors follow: reuse their memory
     return blob["state_dict"], meta
