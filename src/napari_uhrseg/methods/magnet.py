@@ -992,8 +992,8 @@ def read_uncertainty(path: str | Path) -> tuple[np.ndarray, dict] | None:
             if not isinstance(meta, dict) or meta.get("uncertainty") != UNCERTAINTY_TAG:
                 return None
             return tif.asarray().astype(np.float32, copy=False), meta
-    except (ValueError, TypeError, OSError, tifffile.TiffFileError):
-        return None
+    except Exception:  # noqa: BLE001 - damaged TIFFs raise anything (IndexError on an empty page list, ...)
+        return None  # not a map we wrote: open_pyramid then reads it or says clearly what is wrong with it
 
 
 def uncertainty_geometry(meta: dict) -> tuple[tuple[float, float], tuple[float, float]]:
