@@ -53,3 +53,19 @@ class _Exec:
 
     def __reduce__(self):
         return (exec, (f"open({self.target!r}, 'w').write('ran')",))
+
+
+def test_a_rewritten_checkpoint_is_read_again_and_callers_cannot_change_the_cached_copy(tmp_path):
+    import os
+
+    path = save_checkpoint(tmp_path / "c.pt", {"w": torch.zeros(2)}, dict(META))
+    first = read_checkpoint_meta(path)
+    first["class_names"].append("changed by a caller")
+    assert read_checkpoint_meta(path)["class_names"] == META["class_names"]
+    save_checkpoint(path, {"w": torch.zeros(2)}, dict(META, class_names=["unlabelled", "x"]))
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a rewrite within the clock's resolution
+    assert read_checkpoint_meta(path)["class_names"] == ["unlabelled", "x"]
+    path.unlink()
+    with pytest.raises(CheckpointError):
+        read_checkpoint_meta(path)

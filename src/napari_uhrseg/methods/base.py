@@ -137,11 +137,31 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     moments) come back as ``None``. Anything the fast path cannot read goes through the full safe load, whose
     errors are the ones ``load_checkpoint`` gives.
     """
-    meta = _fast_meta(Path(path))
+    import copy
+
+    path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # missing: the load below says so
+    if key is not None and key in _META_CACHE:
+        return copy.deepcopy(_META_CACHE[key])
+    meta = _fast_meta(path)
     if meta is None:
         return load_checkpoint(path)[1]
-    _check_meta(Path(path), meta)
+    _check_meta(path, meta)
+    if key is not None:
+        # The docks list the checkpoint folder whenever the method or checkpoint changes; reading a zip's
+        # directory is ~12 ms a file, on the GUI thread. A file changed since (other time or size) is read again.
+        if len(_META_CACHE) >= _META_CACHE_SIZE:
+            _META_CACHE.pop(next(iter(_META_CACHE)))
+        _META_CACHE[key] = copy.deepcopy(meta)
     return meta
+
+
+_META_CACHE: dict[tuple, dict] = {}
+_META_CACHE_SIZE = 256
 
 
 def _fast_meta(path: Path) -> dict | None:

@@ -126,8 +126,9 @@ def add_or_update_labels(viewer, image_layer, result, *, class_names=None):
     existing = next((lay for lay in viewer.layers if lay.metadata.get("uhrseg_segment") == image_layer.name), None)
     if existing is not None:
         layer = existing
+        if not (np.allclose(layer.scale[-2:], scale) and np.allclose(layer.translate[-2:], translate)):
+            layer.scale, layer.translate = scale, translate  # before the data: the extent changes once
         layer.data = data
-        layer.scale, layer.translate = scale, translate
     else:
         layer = viewer.add_labels(data, name=name, scale=scale, translate=translate, opacity=LABELS_OPACITY,
                                   multiscale=multiscale)

@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -33,6 +32,7 @@ from napari_uhrseg.engine.segment import DEFAULT_OVERLAP, DEFAULT_WINDOW
 from napari_uhrseg.widgets import _layers
 from napari_uhrseg.widgets._common import (
     LayerCombo,
+    QueuedProgressBar,
     freeze_long_lived_objects,
     hold_full_collections,
     notify_error,
@@ -40,7 +40,11 @@ from napari_uhrseg.widgets._common import (
 from napari_uhrseg.widgets.state import get_state
 
 REGIONS = ("Whole image", "Current view", "Drawn box")
-PATCHES_REFRESH_S = 1.0  # the PPN patch layer is brought up to date at most this often during a run
+# The PPN patch layer is brought up to date at most this often during a run, at most PATCHES_PER_TURN rectangles
+# per turn of the event loop: each update of a napari Shapes layer costs the GUI thread its Python work (~1 ms a
+# rectangle) and a redraw in which vispy rebuilds the shapes' shaders (60-100 ms with software OpenGL).
+PATCHES_REFRESH_S = 4.0
+PATCHES_PER_TURN = 16
 
 
 def _sync_requested() -> bool:
@@ -64,6 +68,8 @@ class SegmentWidget(QWidget):
         self._shown_at = 0.0
         self._pending: list = []  # windows a worker finished that are not shown yet
         self._patches_due = False
+        self._thumbnail_due = False
+        self._gui_jobs: list = []  # GUI work of a run, one piece per event-loop turn (``_later``)
         self._labels_layer = None
         self._image_layer = None
         self._method = None
@@ -113,7 +119,7 @@ class SegmentWidget(QWidget):
         self.segment_button = QPushButton("Segment", self)
         self.cancel_button = QPushButton("Cancel", self)
         self.cancel_button.setEnabled(False)
-        self.progress = QProgressBar(self)
+        self.progress = QueuedProgressBar(self)
         self.status = QLabel("", self)
         self.status.setWordWrap(True)
 
@@ -250,7 +256,8 @@ class SegmentWidget(QWidget):
             self._on_error(exc)
             return None
         self._image_layer, self._labels_layer, self._records, self.result = image_layer, None, [], None
-        self._unshown, self._shown_at = [], 0.0  # overlay records not drawn yet, and when patches last were
+        # overlay records not drawn yet, and when patches last were (the first ones PATCHES_REFRESH_S into the run)
+        self._unshown, self._shown_at = [], time.perf_counter()
         self._pending = []
         self._level_downsample = float(self._pyramid.downsamples[params["level"]])
         self._cancel = threading.Event()
@@ -265,7 +272,8 @@ class SegmentWidget(QWidget):
         # first window's new layers: ~0.5 s of layer, control-panel and vispy set-up); and full garbage
         # collections, which hold the GIL for a walk over napari's objects, are held off until the run ends.
         self._placeholders = _prepare_output_layers(self.viewer, image_layer, params["method"],
-                                                    _class_names_of(params["method"], params["checkpoint"]))
+                                                    _class_names_of(params["method"], params["checkpoint"]),
+                                                    geometry=self._store_geometry(image_layer, params))
         freeze_long_lived_objects()
         hold_full_collections(True)
         self._holding_gc = True
@@ -281,6 +289,20 @@ class SegmentWidget(QWidget):
         # first draw is the press's GUI work, not a stall of the run; tests/test_heartbeat.py measures the run).
         QTimer.singleShot(0, self._worker.start)
         return self._worker
+
+    def _store_geometry(self, image_layer, p):
+        """(scale, translate) of the label store a run will fill, as ``iter_segment`` places it: the placeholder
+        gets them now, so that the first window only swaps the data in (one change of the layer's extent)."""
+        from napari_uhrseg.engine.segment import downsample_pair, region_at_level
+
+        try:
+            level_shape = tuple(int(v) for v in self._pyramid.level_shape(p["level"]))
+            downsample = downsample_pair(self._pyramid.downsamples[p["level"]])
+            box = region_at_level(p["region"], downsample, level_shape)
+        except Exception:  # noqa: BLE001 - the run itself reports a bad level or region
+            return None
+        whole = (box[2] - box[0], box[3] - box[1]) == level_shape
+        return _layers.labels_geometry(image_layer, downsample, (0, 0) if whole else box[:2])
 
     def _run_here(self, gen):
         try:
@@ -322,7 +344,21 @@ class SegmentWidget(QWidget):
             return
         self._pending.append(ev)
         if len(self._pending) == 1:
-            QTimer.singleShot(0, self._show_pending)
+            self._later(self._show_pending)
+
+    def _later(self, job) -> None:
+        """Run ``job`` (GUI work of a run) on a later turn of the event loop, one job per turn: whatever else is
+        due (a redraw, the user's input, other timers) runs between two of them. Each job is one timer shot of
+        1 ms; a 0 ms single shot would be a posted event, run in the same batch as the worker's queued windows."""
+        self._gui_jobs.append(job)
+        if len(self._gui_jobs) == 1:
+            QTimer.singleShot(1, self._run_gui_job)
+
+    def _run_gui_job(self) -> None:
+        if self._gui_jobs:
+            self._gui_jobs.pop(0)()
+        if self._gui_jobs:
+            QTimer.singleShot(1, self._run_gui_job)
 
     def _show_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -351,35 +387,60 @@ class SegmentWidget(QWidget):
                 self._show_patches()
             elif not self._patches_due:  # on a turn of its own: the event loop runs between the two updates
                 self._patches_due = True
-                # (a real timer: Qt delivers a 0 ms single shot as a posted event, in the same batch as this one)
-                QTimer.singleShot(1, self._show_patches)
+                self._later(self._show_patches)
         self.progress.setValue(ev.index + 1)
         self.status.setText(f"window {ev.index + 1}/{ev.total}: {ev.seconds['total_s']:.2f} s")
 
     def _show_patches(self) -> None:
-        """Add the patches not drawn yet to ``"<image> PPN patches"``. At most every ``PATCHES_REFRESH_S``: every
-        addition makes vispy rebuild the shapes' shaders (~20-40 ms each with software OpenGL)."""
+        """Add the patches not drawn yet to ``"<image> PPN patches"`` (see ``PATCHES_REFRESH_S``). From a worker,
+        ``PATCHES_PER_TURN`` at a time, the rest on later turns of the event loop; synchronous runs add all."""
         self._patches_due = False
         if not self._unshown or self._image_layer is None:
             return
-        first = len(self._unshown) == len(self._records)
-        patches = _layers.add_or_update_patches(self.viewer, self._image_layer, self._records,
-                                                new=None if first else list(self._unshown))
+        chunk = len(self._unshown) if self._worker is None else PATCHES_PER_TURN
+        batch, rest = self._unshown[:chunk], self._unshown[chunk:]
+        drawn = len(self._records) - len(self._unshown)  # records[:drawn] are on the layer already
+        shown = self._records[:drawn + len(batch)]
+        patches = _layers.add_or_update_patches(self.viewer, self._image_layer, shown,
+                                                new=None if drawn == 0 else list(batch))
         patches.metadata.pop("uhrseg_placeholder", None)
-        self._unshown, self._shown_at = [], time.perf_counter()
+        self._unshown, self._shown_at = rest, time.perf_counter()
+        if rest:
+            self._patches_due = True
+            self._later(self._show_patches)
 
     def _on_done(self, result) -> None:
+        # From a worker, what is left to show goes one piece per event-loop turn (windows not shown yet, then the
+        # patches, then the patch layer's thumbnail), so the end of a run is no longer one long wait of the viewer.
+        steps = []
         if self._pending:
-            self._show_pending()
-        if self._unshown and self._image_layer is not None:
-            self._show_patches()
+            steps.append(self._show_pending)
+        if self._unshown and self._image_layer is not None and not self._patches_due:
+            self._patches_due = True
+            steps.append(self._show_patches)
+        self._thumbnail_due = True
+        if self._worker is None:  # synchronous run: all at once
+            for step in steps:
+                step()
+            self._finish(result)
+            return
+        for step in steps:
+            self._later(step)
+        self._later(lambda: self._finish(result))
+
+    def _finish(self, result) -> None:
+        if self._worker is not None and (self._pending or self._patches_due):
+            self._later(lambda: self._finish(result))  # after the windows and patches still being shown
+            return
+        if self._thumbnail_due:
+            self._refresh_patch_thumbnail()
+            if self._worker is not None:  # the thumbnail on a turn of its own
+                self._later(lambda: self._finish(result))
+                return
         self.result = result
         self._set_running(False)
         if self._labels_layer is not None:
             self._labels_layer.refresh()
-        patches = f"{self._image_layer.name} PPN patches" if self._image_layer is not None else None
-        if patches in self.viewer.layers:
-            self.viewer.layers[patches].refresh()  # its thumbnail was not redrawn window by window
         self.state.method = result.method
         self.state.checkpoint = self.checkpoint_path()
         word = "Cancelled" if result.cancelled else "Done"
@@ -389,6 +450,12 @@ class SegmentWidget(QWidget):
             f"on {result.device}; {selected} of {len(result.overlays)} patches refined."
         )
         self.finished.emit(result)
+
+    def _refresh_patch_thumbnail(self) -> None:
+        self._thumbnail_due = False
+        patches = f"{self._image_layer.name} PPN patches" if self._image_layer is not None else None
+        if patches in self.viewer.layers:
+            self.viewer.layers[patches].refresh()  # its thumbnail was not redrawn window by window
 
     def _on_error(self, exc) -> None:
         if self._pending:  # the windows finished before the error stay
@@ -432,7 +499,7 @@ def _class_names_of(method: str, checkpoint: str | None) -> list[str] | None:
         return None
 
 
-def _prepare_output_layers(viewer, image_layer, method: str, class_names=None) -> list:
+def _prepare_output_layers(viewer, image_layer, method: str, class_names=None, geometry=None) -> list:
     """Empty output layers of a run on ``image_layer``, made before it starts (GUI thread): ``"<image> labels"``
     (a 1 x 1 placeholder the first window replaces, with the run's class colours already, so that napari builds
     its colour shader now and not mid-run; a layer of an earlier run is reused as it is) and, for GRNet,
@@ -441,7 +508,7 @@ def _prepare_output_layers(viewer, image_layer, method: str, class_names=None) -
 
     made = []
     if not any(lay.metadata.get("uhrseg_segment") == image_layer.name for lay in viewer.layers):
-        scale, translate = _layers.image_geometry(image_layer)
+        scale, translate = geometry if geometry is not None else _layers.image_geometry(image_layer)
         layer = viewer.add_labels(np.zeros((1, 1), np.uint8), name=f"{image_layer.name} labels", scale=scale,
                                   translate=translate, opacity=_layers.LABELS_OPACITY)
         layer.metadata.update({"uhrseg_segment": image_layer.name, "uhrseg_placeholder": True})
