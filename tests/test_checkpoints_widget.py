@@ -73,14 +73,30 @@ def test_autosave_snapshots_paint_and_offers_restore(make_napari_viewer):
     labels.paint((100, 120), 2, refresh=False)
     painted = labels.data.copy()
     assert ctrl.save_now() is not None
-    ctrl.stop()
-
-    # "reopen": a fresh labels layer for the same image is offered the snapshot
-    fresh = viewer.add_labels(np.zeros((300, 300), np.uint8), name="scene labels 2")
     offered = []
     ctrl.restore_available.connect(offered.append)
+
+    # another labels layer of the same image (the Segment dock's output, say) while the painted one is open:
+    # it gets its own snapshot and is not offered the other's
+    other = viewer.add_labels(np.zeros((300, 300), np.uint8), name="scene other")
+    state.labels_layer = other
+    assert ctrl.pending is None and offered == [] and ctrl.saver is not None
+    other.paint((10, 10), 1, refresh=False)
+    assert ctrl.save_now() is not None
+    state.labels_layer = labels  # back: its own snapshot equals it, nothing to ask
+    assert ctrl.pending is None and offered == []
+    ctrl.stop()
+
+    # "reopen": the painted layer is gone (a crash, the image opened again) and a fresh labels layer for the
+    # same image, under another name, is offered what it left
+    viewer.layers.remove(labels)
+    fresh = viewer.add_labels(np.zeros((300, 300), np.uint8), name="scene labels 2")
     state.labels_layer = fresh
     assert ctrl.pending is not None and offered == [ctrl.pending]
     assert ctrl.restore()
     np.testing.assert_array_equal(fresh.data, painted)
     ctrl.stop()
+    from napari_uhrseg.engine.autosave import list_autosaves
+
+    names = sorted(i.image_id.rpartition(" | labels: ")[2] for i in list_autosaves(root=ctrl.root))
+    assert names == ["scene labels 2", "scene other"]  # the restored snapshot moved to the fresh layer's own

@@ -153,6 +153,21 @@ def find_autosave(image_id: str, *, root: str | os.PathLike | None = None) -> Au
     )
 
 
+def list_autosaves(*, root: str | os.PathLike | None = None) -> list[AutosaveInfo]:
+    """Every readable snapshot under ``root`` (the autosave folder), the most recent first."""
+    base = Path(root) if root is not None else autosave_root()
+    found = []
+    for manifest in base.glob(f"*/{MANIFEST}") if base.is_dir() else []:
+        try:
+            image_id = json.loads(manifest.read_text("utf-8")).get("image_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        info = find_autosave(image_id, root=base) if isinstance(image_id, str) else None
+        if info is not None and info.folder == manifest.parent:
+            found.append(info)
+    return sorted(found, key=lambda i: -i.saved_at_s)
+
+
 def restore(
     image_id_or_info: str | AutosaveInfo, *, out: Any = None, root: str | os.PathLike | None = None
 ) -> Any:

@@ -3,8 +3,10 @@
 ``autosave_for(viewer)`` returns the viewer's one ``AutosaveController`` (created on first call; the Train and
 Export docks call it). It follows ``state.labels_layer``: for each labels layer it runs a
 ``napari_uhrseg.engine.autosave.Autosaver`` keyed by the image (``state.image_layer``'s file path, else
-its name), fed with the regions painted (the layer's ``paint`` events). When that image already has an
-autosave that differs from the layer, ``restore_available`` is emitted and a notification says so;
+its name) and the labels layer's name, fed with the regions painted (the layer's ``paint`` events). When that
+layer already has an autosave that differs from it — or, failing that, a labels layer of the image that is not
+open any more left one (a crash, then the image reopened) — ``restore_available`` is emitted and a notification
+says so;
 ``restore()`` and ``discard()`` act on it (the Export dock shows the buttons).
 """
 from __future__ import annotations
@@ -31,11 +33,34 @@ def autosave_for(viewer, *, interval_s: float = DEFAULT_INTERVAL_S, root=None) -
 
 
 def image_id_of(image_layer, labels_layer) -> str:
-    """The autosave key: the image file's path when napari knows it, else the image (or labels) layer name."""
+    """The image part of an autosave key: the image file's path when napari knows it, else the image (or
+    labels) layer name."""
     if image_layer is not None:
         path = getattr(getattr(image_layer, "source", None), "path", None)
         return image_id_for(path) if path else f"layer:{image_layer.name}"
     return f"layer:{labels_layer.name}"
+
+
+LAYER_SEP = " | labels: "
+
+
+def autosave_key(image_layer, labels_layer) -> str:
+    """The autosave key of one labels layer of one image: several labels layers of an image (scribbles, the
+    Segment dock's output) each keep their own snapshot, and none is offered as a restore for another."""
+    return f"{image_id_of(image_layer, labels_layer)}{LAYER_SEP}{labels_layer.name}"
+
+
+def _left_by_a_closed_layer(viewer, image_part: str, shape, root) -> "object | None":
+    """The newest snapshot of this image whose labels layer is not open in ``viewer``: what a crash left behind
+    when the image is reopened and its labels layer comes back under another name."""
+    from napari_uhrseg.engine.autosave import list_autosaves
+
+    open_names = {lay.name for lay in viewer.layers if lay._type_string == "labels"}
+    for info in list_autosaves(root=root):
+        head, sep, name = info.image_id.rpartition(LAYER_SEP)
+        if sep and head == image_part and name not in open_names and tuple(info.shape) == tuple(shape):
+            return info
+    return None
 
 
 class AutosaveController(QObject):
@@ -60,15 +85,18 @@ class AutosaveController(QObject):
             window.destroyed.connect(lambda *_: self.stop())
 
     def _follow(self, layer) -> None:
-        image_id = image_id_of(self.state.image_layer, layer) if layer is not None else None
+        image_id = autosave_key(self.state.image_layer, layer) if layer is not None else None
         if layer is self._layer and self.saver is not None and self.saver.image_id == image_id:
             return  # same layer of the same image: keep saving
         self.stop()
         self._layer = layer
         if layer is None:
             return
-        info = find_autosave(image_id, root=self.root)
         data = level0_data(layer)
+        info = find_autosave(image_id, root=self.root)
+        if info is None:
+            info = _left_by_a_closed_layer(self.viewer, image_id_of(self.state.image_layer, layer),
+                                           data.shape[-2:], self.root)
         self.pending = None
         if info is not None and tuple(info.shape) == tuple(data.shape[-2:]):
             # a small layer identical to its snapshot needs no question; a large one is not compared
@@ -80,9 +108,9 @@ class AutosaveController(QObject):
         )
         layer.events.paint.connect(self._on_paint)
         layer.events.data.connect(self._on_data)
-        if self.pending is None:
-            self.saver.start()
-        else:  # do not overwrite the old snapshot before the user has decided
+        if self.pending is None or self.pending.image_id != image_id:
+            self.saver.start()  # (a closed layer's snapshot is another file: saving this one cannot overwrite it)
+        if self.pending is not None:  # same file: saving starts once the user has decided
             from napari.utils.notifications import show_info
 
             show_info(f"{info.describe()} for {layer.name}: restore or discard it in the Export dock.")
@@ -113,6 +141,8 @@ class AutosaveController(QObject):
         data = level0_data(self._layer)
         restore(self.pending, out=data)
         self._layer.refresh()
+        if self.saver is not None and self.pending.image_id != self.saver.image_id:
+            discard(self.pending.image_id, root=self.root)  # moved to this layer's own snapshot
         self.pending = None
         self.saver.mark_dirty()
         self.saver.start()
@@ -122,9 +152,10 @@ class AutosaveController(QObject):
         """Forget the offered snapshot and start saving the layer as it is."""
         if self.pending is None:
             return False
+        same = self.saver is not None and self.pending.image_id == self.saver.image_id
         discard(self.pending.image_id, root=self.root)
         self.pending = None
-        if self.saver is not None:
+        if same:
             self.saver.generation = 0
             self.saver.mark_dirty()
             self.saver.start()
