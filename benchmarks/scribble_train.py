@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("cached", "uncached", "finetune")
-DOCK_DEFAULTS = {"iterations": 200, "crop": 512, "val_share": 0.15}  # TrainWidget's spin boxes
+DOCK_DEFAULTS = {"iterations": 140, "crop": 512, "val_share": 0.15}  # TrainWidget's spin boxes
 
 
 def scribbles_from_truth(gt: np.ndarray, *, strokes: int, width: int, length: int, seed: int) -> np.ndarray:
@@ -69,7 +69,9 @@ def run_config(name: str, pyramid, scribbles, gt, names, args) -> dict:
 
     settings = TrainingSettings(iterations=args.iterations, crop=args.crop, val_share=args.val_share,
                                 frozen_backbone=name != "finetune", feature_cache=name != "finetune",
-                                crop_pool=args.pool, seed=args.seed, device="cpu")
+                                crop_pool=args.pool, seed=args.seed, device="cpu",
+                                **({"batch_size": args.batch_size} if args.batch_size else {}),
+                                **({"lr": args.lr} if args.lr else {}))
     out = Path(tempfile.mkdtemp(prefix="scribble_bench_")) / f"{name}.pt"
     losses, vals = [], []
     with RssSampler() as rss:
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=DOCK_DEFAULTS["crop"])
     p.add_argument("--val-share", type=float, default=DOCK_DEFAULTS["val_share"])
     p.add_argument("--pool", type=int, default=None, help="crops in the pool (default: TrainingSettings')")
+    p.add_argument("--batch-size", type=int, default=None, help="crops per step (default: TrainingSettings')")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: TrainingSettings')")
     p.add_argument("--strokes", type=int, default=12, help="strokes per class")
     p.add_argument("--width", type=int, default=3, help="stroke width (px)")
     p.add_argument("--length", type=int, default=300, help="stroke length (px)")

@@ -71,3 +71,20 @@ def test_frozen_backbone_stays_fixed_heads_learn_and_resume_continues(tmp_path):
     assert pred.probabilities.shape == (4, 128, 128) and set(np.unique(pred.labels)) <= {1, 2, 3}
     with pytest.raises(CheckpointError, match="holds no training state"):
         start_session("grnet", [item], NAMES, settings=settings, out=tmp_path / "x.pt", resume=tmp_path / "run.pt")
+
+
+def test_learning_rate_of_a_round_frozen_default_chosen_and_fine_tuning(tmp_path):
+    from napari_uhrseg.engine.scribbles import FROZEN_LR
+    from napari_uhrseg.methods.presets import grnet_preset
+
+    image, scribbles = scribbled_scene()
+    item = labelled_item(open_pyramid(image, name="scene"), scribbles)
+
+    def lr_of(**kw):
+        settings = TrainingSettings(iterations=2, crop=128, val_share=0.25, seed=1, **kw)
+        session = start_session("grnet", [item], NAMES, settings=settings, out=tmp_path / "lr.pt")
+        return {g["lr"] for g in session.trainer.opt_main.param_groups}
+
+    assert lr_of() == {FROZEN_LR}  # frozen backbones, nothing chosen: the round's rate
+    assert lr_of(lr=5e-5) == {5e-5}  # the user's choice wins
+    assert lr_of(frozen_backbone=False, feature_cache=False) == {grnet_preset("fast")["lr"]}  # the paper's 1e-4

@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_uhrseg.engine.scribbles import TrainingSettings
 from napari_uhrseg.widgets._common import (
     LayerCombo,
     freeze_long_lived_objects,
@@ -130,9 +131,10 @@ class TrainWidget(QWidget):
         init_row.addWidget(self.init_combo, 1)
         init_row.addWidget(init_browse)
         self.method_combo.currentTextChanged.connect(self._fill_init_choices)
-        self.iterations = _spin(QSpinBox(self), 1, 100000, 200)
+        self.iterations = _spin(QSpinBox(self), 1, 100000, TrainingSettings().iterations)
         self.lr = _spin(QDoubleSpinBox(self), 0.0, 1.0, 0.0, decimals=6, step=1e-4)
-        self.lr.setSpecialValueText("preset")
+        self.lr.setSpecialValueText("default")
+        self.lr.setToolTip("learning rate; default: 3e-4 for GRNet with frozen backbones, else the preset's")
         self.crop = _spin(QSpinBox(self), 64, 4096, 512, step=64)
         self.val_share = _spin(QDoubleSpinBox(self), 0.0, 0.9, 0.15, decimals=2, step=0.05)
         self.frozen = QCheckBox("Frozen backbone (fast on CPU)", self)
