@@ -87,16 +87,28 @@ def test_autosave_snapshots_paint_and_offers_restore(make_napari_viewer):
     assert ctrl.pending is None and offered == []
     ctrl.stop()
 
-    # "reopen": the painted layer is gone (a crash, the image opened again) and a fresh labels layer for the
-    # same image, under another name, is offered what it left
-    viewer.layers.remove(labels)
-    fresh = viewer.add_labels(np.zeros((300, 300), np.uint8), name="scene labels 2")
-    state.labels_layer = fresh
-    assert ctrl.pending is not None and offered == [ctrl.pending]
-    assert ctrl.restore()
-    np.testing.assert_array_equal(fresh.data, painted)
+    # a layer closed in this session is not offered to another one
+    viewer.layers.remove(other)
+    third = viewer.add_labels(np.zeros((300, 300), np.uint8), name="scene third")
+    state.labels_layer = third
+    assert ctrl.pending is None and offered == []
     ctrl.stop()
+
+    # "reopen": a new session (another viewer) on the same image, whose fresh labels layer has another name,
+    # is offered what the painted layer left
+    viewer2 = make_napari_viewer()
+    viewer2.add_image(np.zeros((300, 300), np.uint8), name="scene")
+    fresh = viewer2.add_labels(np.zeros((300, 300), np.uint8), name="scene labels 2")
+    state2 = get_state(viewer2)
+    state2.image_layer = viewer2.layers["scene"]
+    state2.labels_layer = fresh
+    ctrl2 = autosave_for(viewer2)
+    assert ctrl2.pending is not None and ctrl2.pending.image_id.endswith("labels: scene labels")
+    assert ctrl2.restore()
+    np.testing.assert_array_equal(fresh.data, painted)
+    ctrl2.stop()
+    ctrl = ctrl2
     from napari_uhrseg.engine.autosave import list_autosaves
 
     names = sorted(i.image_id.rpartition(" | labels: ")[2] for i in list_autosaves(root=ctrl.root))
-    assert names == ["scene labels 2", "scene other"]  # the restored snapshot moved to the fresh layer's own
+    assert names == ["scene labels 2", "scene other", "scene third"]  # the restored one moved to the fresh layer's

@@ -4,8 +4,8 @@
 Export docks call it). It follows ``state.labels_layer``: for each labels layer it runs a
 ``napari_uhrseg.engine.autosave.Autosaver`` keyed by the image (``state.image_layer``'s file path, else
 its name) and the labels layer's name, fed with the regions painted (the layer's ``paint`` events). When that
-layer already has an autosave that differs from it — or, failing that, a labels layer of the image that is not
-open any more left one (a crash, then the image reopened) — ``restore_available`` is emitted and a notification
+layer already has an autosave that differs from it — or, failing that, a labels layer of the image left one in an
+earlier session (a crash, then the image reopened) — ``restore_available`` is emitted and a notification
 says so;
 ``restore()`` and ``discard()`` act on it (the Export dock shows the buttons).
 """
@@ -50,15 +50,22 @@ def autosave_key(image_layer, labels_layer) -> str:
     return f"{image_id_of(image_layer, labels_layer)}{LAYER_SEP}{labels_layer.name}"
 
 
-def _left_by_a_closed_layer(viewer, image_part: str, shape, root) -> "object | None":
-    """The newest snapshot of this image whose labels layer is not open in ``viewer``: what a crash left behind
-    when the image is reopened and its labels layer comes back under another name."""
+def _differs(info, data) -> bool:
+    """Whether a snapshot differs from ``data`` (a large layer is not compared: it is taken to differ)."""
+    return data.size > 2**26 or not np.array_equal(restore(info), np.asarray(data))
+
+
+def _left_by_a_closed_layer(viewer, image_part: str, data, root, own=()) -> "object | None":
+    """The newest snapshot of this image that an earlier session left (not one of ``own``, the keys this viewer
+    saved), whose labels layer is not open in ``viewer`` and which differs from ``data``: what a crash left
+    behind when the image is reopened and its labels layer comes back under another name."""
     from napari_uhrseg.engine.autosave import list_autosaves
 
     open_names = {lay.name for lay in viewer.layers if lay._type_string == "labels"}
     for info in list_autosaves(root=root):
         head, sep, name = info.image_id.rpartition(LAYER_SEP)
-        if sep and head == image_part and name not in open_names and tuple(info.shape) == tuple(shape):
+        if (sep and head == image_part and name not in open_names and info.image_id not in own
+                and tuple(info.shape) == tuple(data.shape[-2:]) and _differs(info, data)):
             return info
     return None
 
@@ -77,6 +84,7 @@ class AutosaveController(QObject):
         self.saver: Autosaver | None = None
         self.pending = None  # AutosaveInfo offered for restore
         self._layer = None
+        self._own_keys: set[str] = set()
         self.state.events.labels_layer.connect(self._follow)
         self.state.events.image_layer.connect(lambda *_: self._follow(self.state.labels_layer))
         self._follow(self.state.labels_layer)
@@ -95,13 +103,12 @@ class AutosaveController(QObject):
         data = level0_data(layer)
         info = find_autosave(image_id, root=self.root)
         if info is None:
-            info = _left_by_a_closed_layer(self.viewer, image_id_of(self.state.image_layer, layer),
-                                           data.shape[-2:], self.root)
+            info = _left_by_a_closed_layer(self.viewer, image_id_of(self.state.image_layer, layer), data,
+                                           self.root, own=self._own_keys)
         self.pending = None
-        if info is not None and tuple(info.shape) == tuple(data.shape[-2:]):
-            # a small layer identical to its snapshot needs no question; a large one is not compared
-            if data.size > 2**26 or not np.array_equal(restore(info), np.asarray(data)):
-                self.pending = info
+        if info is not None and tuple(info.shape) == tuple(data.shape[-2:]) and _differs(info, data):
+            self.pending = info  # a small layer identical to its snapshot needs no question
+        self._own_keys.add(image_id)  # a layer this session closed is not offered to the others
         self.saver = Autosaver(
             image_id, lambda: level0_data(layer), classes=list(self.state.class_names) or None,
             root=self.root, interval_s=self.interval_s,
