@@ -41,3 +41,13 @@ def tiff_chunk_reads(monkeypatch):
 
     monkeypatch.setattr(ZarrTiffStore, "get", counting_get)
     return keys
+
+
+# ------------------------------------------------------------------------------------------------ GUI docks
+@pytest.fixture
+def private_folders(monkeypatch, tmp_path):
+    """Checkpoints and autosaves in the test's own folder, one torch thread, the CPU: what the dock tests use."""
+    monkeypatch.setenv("UHRSEG_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("UHRSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
+    monkeypatch.setenv("UHRSEG_THREADS", "1")
+    monkeypatch.setenv("UHRSEG_DEVICE", "cpu")

@@ -18,19 +18,11 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("private_folders")]
 
 PLUGIN = "napari-uhrseg"
 LEVEL = 2  # the working level of the whole loop: 768 x 768 px of the 3072² scene
 CROP = 256
-
-
-@pytest.fixture(autouse=True)
-def _private_folders(monkeypatch, tmp_path):
-    monkeypatch.setenv("UHRSEG_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("UHRSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
-    monkeypatch.setenv("UHRSEG_THREADS", "1")
-    monkeypatch.setenv("UHRSEG_DEVICE", "cpu")
 
 
 def _camera(viewer):

@@ -11,15 +11,7 @@ from _train_helpers import NAMES, scribbled_scene
 
 from napari_uhrseg.widgets.state import get_state
 
-pytestmark = pytest.mark.gui
-
-
-@pytest.fixture(autouse=True)
-def _private_folders(monkeypatch, tmp_path):
-    monkeypatch.setenv("UHRSEG_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
-    monkeypatch.setenv("UHRSEG_AUTOSAVE_DIR", str(tmp_path / "autosave"))
-    monkeypatch.setenv("UHRSEG_THREADS", "1")
-    monkeypatch.setenv("UHRSEG_DEVICE", "cpu")
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("private_folders")]
 
 
 @pytest.fixture
