@@ -132,25 +132,31 @@ def _hash_chunk(block: np.ndarray) -> str:
 # --------------------------------------------------------------------------------------------- reading
 def find_autosave(image_id: str, *, root: str | os.PathLike | None = None) -> AutosaveInfo | None:
     """The last complete snapshot for ``image_id``, or None when there is none (or it is unreadable)."""
-    folder = autosave_folder(image_id, root)
+    info = _read_manifest(autosave_folder(image_id, root))
+    if info is None or info.image_id != image_id:
+        return None  # none, another version, or (vanishingly unlikely) a hash collision
+    return info
+
+
+def _read_manifest(folder: Path) -> AutosaveInfo | None:
     try:
         m = json.loads((folder / MANIFEST).read_text("utf-8"))
-    except (OSError, ValueError):
+        if m.get("format") != FORMAT or not isinstance(m.get("image_id"), str):
+            return None
+        return AutosaveInfo(
+            image_id=m["image_id"],
+            folder=folder,
+            shape=tuple(m["shape"]),
+            dtype=m["dtype"],
+            chunk_shape=tuple(m["chunk_shape"]),
+            classes=m.get("classes"),
+            saved_at=m["saved_at"],
+            saved_at_s=float(m["saved_at_s"]),
+            generation=int(m["generation"]),
+            chunks=dict(m["chunks"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, half-written or foreign
         return None
-    if m.get("format") != FORMAT or m.get("image_id") != image_id:
-        return None  # another version, or (vanishingly unlikely) a hash collision
-    return AutosaveInfo(
-        image_id=m["image_id"],
-        folder=folder,
-        shape=tuple(m["shape"]),
-        dtype=m["dtype"],
-        chunk_shape=tuple(m["chunk_shape"]),
-        classes=m.get("classes"),
-        saved_at=m["saved_at"],
-        saved_at_s=float(m["saved_at_s"]),
-        generation=int(m["generation"]),
-        chunks=dict(m["chunks"]),
-    )
 
 
 def list_autosaves(*, root: str | os.PathLike | None = None) -> list[AutosaveInfo]:
@@ -158,12 +164,8 @@ def list_autosaves(*, root: str | os.PathLike | None = None) -> list[AutosaveInf
     base = Path(root) if root is not None else autosave_root()
     found = []
     for manifest in base.glob(f"*/{MANIFEST}") if base.is_dir() else []:
-        try:
-            image_id = json.loads(manifest.read_text("utf-8")).get("image_id")
-        except (OSError, ValueError, AttributeError):
-            continue
-        info = find_autosave(image_id, root=base) if isinstance(image_id, str) else None
-        if info is not None and info.folder == manifest.parent:
+        info = _read_manifest(manifest.parent)
+        if info is not None and manifest.parent.name == _key(info.image_id):
             found.append(info)
     return sorted(found, key=lambda i: -i.saved_at_s)
 

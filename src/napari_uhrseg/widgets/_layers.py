@@ -196,18 +196,28 @@ def set_patch_shapes(layer, records: list[dict], *, new: list[dict] | None = Non
         layer.features = patch_features(records)
 
 
+def patches_name(image_layer) -> str:
+    return f"{image_layer.name} PPN patches"
+
+
+def new_patches_layer(viewer, image_layer):
+    """An empty ``"<image> PPN patches"`` Shapes layer placed on ``image_layer``."""
+    scale, translate = image_geometry(image_layer)
+    return viewer.add_shapes(name=patches_name(image_layer), scale=scale, translate=translate,
+                             shape_type="rectangle", face_color="transparent", opacity=0.9)
+
+
 def add_or_update_patches(viewer, image_layer, records: list[dict], *, new: list[dict] | None = None):
     """Show PPN patches as ``"<image> PPN patches"``: rectangles in the image's level-0 data coordinates, with
     ``probability``, ``selected`` and ``window`` in the features table. ``new``: only these are not drawn yet."""
-    name = f"{image_layer.name} PPN patches"
-    scale, translate = image_geometry(image_layer)
+    name = patches_name(image_layer)
     if name in viewer.layers:
         layer = viewer.layers[name]
+        scale, translate = image_geometry(image_layer)
         if not (np.allclose(layer.scale[-2:], scale) and np.allclose(layer.translate[-2:], translate)):
             layer.scale, layer.translate = scale, translate  # (a transform change re-renders the layer)
     else:
-        layer = viewer.add_shapes(name=name, scale=scale, translate=translate, shape_type="rectangle",
-                                  face_color="transparent", opacity=0.9)
+        layer = new_patches_layer(viewer, image_layer)
         new = None
     same_units(layer, image_layer)
     set_patch_shapes(layer, records, new=new)

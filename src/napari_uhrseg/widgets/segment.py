@@ -453,7 +453,7 @@ class SegmentWidget(QWidget):
 
     def _refresh_patch_thumbnail(self) -> None:
         self._thumbnail_due = False
-        patches = f"{self._image_layer.name} PPN patches" if self._image_layer is not None else None
+        patches = _layers.patches_name(self._image_layer) if self._image_layer is not None else None
         if patches in self.viewer.layers:
             self.viewer.layers[patches].refresh()  # its thumbnail was not redrawn window by window
 
@@ -515,10 +515,8 @@ def _prepare_output_layers(viewer, image_layer, method: str, class_names=None, g
         if class_names:
             write_classes(layer, class_names)
         made.append(layer)
-    if method == "grnet" and f"{image_layer.name} PPN patches" not in viewer.layers:
-        scale, translate = _layers.image_geometry(image_layer)
-        layer = viewer.add_shapes(name=f"{image_layer.name} PPN patches", scale=scale, translate=translate,
-                                  shape_type="rectangle", face_color="transparent", opacity=0.9)
+    if method == "grnet" and _layers.patches_name(image_layer) not in viewer.layers:
+        layer = _layers.new_patches_layer(viewer, image_layer)
         layer.metadata["uhrseg_placeholder"] = True
         made.append(layer)
     return made
