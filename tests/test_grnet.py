@@ -141,6 +141,26 @@ def test_out_of_memory_halves_the_patch_batch(model, monkeypatch):
     assert all(p["selected"] for p in pred.artefacts["patches"])
 
 
+def test_cpu_refines_patches_in_small_batches_with_the_same_result(model, monkeypatch):
+    """On the CPU the R-branch takes CPU_PATCH_BATCH patches per call by default (the batch sets a window's peak
+    memory); the probabilities equal those of one 16-patch batch."""
+    from napari_uhrseg.methods.grnet_ppn import CPU_PATCH_BATCH
+
+    win = window(128, 128, 5)
+    one_batch = method(model, mode="all", patch_batch=16).predict(win).probabilities
+    real = model.refine
+    sizes = []
+
+    def refine(p, fg, lg):
+        sizes.append(p.shape[0])
+        return real(p, fg, lg)
+
+    monkeypatch.setattr(model, "refine", refine)
+    default = method(model, mode="all").predict(win).probabilities
+    assert CPU_PATCH_BATCH < 16 and sizes == [CPU_PATCH_BATCH] * (16 // CPU_PATCH_BATCH)
+    np.testing.assert_allclose(default, one_batch, atol=1e-5)
+
+
 def test_residual_aggregation_starts_from_the_global_view():
     """fast preset: before training, refining every patch gives exactly the G-branch's output; after one
     gradient step on the aggregation it no longer does (the correction is live, not a constant)."""

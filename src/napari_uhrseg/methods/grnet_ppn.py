@@ -167,7 +167,15 @@ class GRNetSettings:
     threshold: float = 0.5
     top_k: int = 4
     mode: str = "ppn"
-    patch_batch: int = 16
+    patch_batch: int | None = None  # None: CPU_PATCH_BATCH on the CPU, GPU_PATCH_BATCH elsewhere
+
+
+# Patches refined per R-branch call. On the CPU a larger batch is not faster per patch, and the batch sets the
+# window's peak memory: with 16, a window whose PPN selects every patch needs ~0.5 GB more than one that selects
+# four, so the peak RSS of a run crept up with the number of windows (the more windows, the likelier one picks
+# them all). With 4 the peak is reached by the first ordinary window.
+CPU_PATCH_BATCH = 4
+GPU_PATCH_BATCH = 16
 
 
 @register_method("grnet")
@@ -273,7 +281,8 @@ class GRNetMethod(Method):
         halves the batch and retries (never below one patch)."""
         r = self.model.cfg["refine_size"]
         gcell = feat_g.shape[-1] // grid
-        results, start, batch = [], 0, max(1, self.settings.patch_batch)
+        batch = self.settings.patch_batch or (CPU_PATCH_BATCH if x.device.type == "cpu" else GPU_PATCH_BATCH)
+        results, start, batch = [], 0, max(1, int(batch))
         while start < len(idx):
             part = idx[start:start + batch]
             try:
