@@ -78,6 +78,23 @@ def test_prediction_seeds_the_click():
     assert np.array_equal(out.astype(bool), prediction.astype(bool))
 
 
+def test_a_prediction_running_out_of_the_neighbourhood_is_narrowed_to_the_clicked_object():
+    """One predicted class over the whole image (fields among fields): the click paints the field under it,
+    found by colour inside the prediction, not the whole neighbourhood with straight cuts at its sides."""
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal((200, 180, 120), 10, (800, 800, 3)), 0, 255).astype(np.uint8)
+    field = np.zeros((800, 800), bool)
+    field[330:450, 340:500] = True
+    image[field] = np.clip(rng.normal((70, 120, 60), 10, (field.sum(), 3)), 0, 255).astype(np.uint8)
+    prediction = np.ones((800, 800), np.uint8)  # the whole scene predicted as one class
+    edit = click_segment(image, np.zeros_like(prediction), (390, 420), label_id=2, prediction=prediction,
+                         neighbourhood=400, refiner=CascadePSP(EchoDouble()))
+    out = np.zeros_like(prediction)
+    edit.apply(out)
+    assert _iou(out == 2, field) > 0.85
+    assert not (out[200, 200:600] | out[599, 200:600] | out[200:600, 200] | out[200:600, 599]).any()
+
+
 def test_click_in_level0_coordinates_on_a_coarser_working_level():
     from napari_uhrseg.io.pyramid import open_pyramid
 

@@ -3,7 +3,9 @@
 The seed is the *predicted* region under the click when a prediction (a labels array from a segmenter) is
 given — the connected component of the predicted class there — otherwise a class-agnostic region grown from
 the click: a flood fill in smoothed CIELAB colour, its tolerance chosen so the region is neither a speck nor the
-whole neighbourhood. Both are computed at the working level inside a square neighbourhood (default 1024 px)
+whole neighbourhood. A predicted component that is not object-sized (more than ``MAX_SEED_FRACTION`` of the
+neighbourhood, or running out of it where the image goes on: one field among the fields of a whole
+agricultural class) is narrowed by that same colour fill, confined to the component. Both are computed at the working level inside a square neighbourhood (default 1024 px)
 around the click. The click point is in level-0 pixels ``(y, x)`` (napari world coordinates of a multiscale
 image with unit scale); labels and prediction share the labels frame (see ``engine.refine``).
 """
@@ -27,23 +29,32 @@ CLICK_L = 320  # long side at which the seed's box is refined (global step only:
 BOX_PAD = 0.25  # padding of the seed's box, as in the paper's multi-class ROIs
 
 
-def grow_region(window: np.ndarray, point: tuple[int, int]) -> np.ndarray:
+def grow_region(window: np.ndarray, point: tuple[int, int], within: np.ndarray | None = None) -> np.ndarray:
     """Class-agnostic seed around ``point`` (window px): flood fill in smoothed Lab colour, holes filled.
 
     Tries growing tolerances and keeps the largest region below ``MAX_SEED_FRACTION`` of the window.
+    ``within`` (a boolean map of the window) confines the fill, e.g. to the predicted class's component.
     """
     h, w = window.shape[:2]
     scale = min(1.0, GROW_SIDE / max(h, w))
-    small = cv2.resize(window, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = cv2.resize(window, size, interpolation=cv2.INTER_AREA)
     lab = cv2.cvtColor(cv2.GaussianBlur(small, (0, 0), 1.5), cv2.COLOR_RGB2LAB).astype(np.float32)
     lab[..., 0] *= 100 / 255  # OpenCV scales L to 0..255; bring it back to CIELAB units
     py = min(int(point[0] * scale), lab.shape[0] - 1)
     px = min(int(point[1] * scale), lab.shape[1] - 1)
+    allowed = None
+    if within is not None:
+        allowed = cv2.resize(np.asarray(within, np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+        allowed[py, px] = True
     ref = np.median(lab[max(0, py - 2) : py + 3, max(0, px - 2) : px + 3].reshape(-1, 3), axis=0)
     dist = np.linalg.norm(lab - ref, axis=-1)
     best = None
     for tol in TOLERANCES:
-        comp, _ = ndi.label(dist <= tol)
+        close = dist <= tol
+        if allowed is not None:
+            close &= allowed
+        comp, _ = ndi.label(close)
         region = comp == comp[py, px]
         if region.mean() > MAX_SEED_FRACTION:
             break
@@ -51,9 +62,23 @@ def grow_region(window: np.ndarray, point: tuple[int, int]) -> np.ndarray:
     if best is None:  # even the smallest tolerance leaks: take a disc the size of a small object
         yy, xx = np.ogrid[: lab.shape[0], : lab.shape[1]]
         best = (yy - py) ** 2 + (xx - px) ** 2 <= max(3, lab.shape[0] // 16) ** 2
+        if allowed is not None:
+            best &= allowed
     opened = ndi.binary_opening(best)  # cut thin leaks, unless that removes the clicked pixel itself
     best = ndi.binary_fill_holes(opened if opened[py, px] else best)
     return cv2.resize(best.astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR) > 0
+
+
+def is_object_sized(seed: np.ndarray, open_sides: tuple[bool, bool, bool, bool]) -> bool:
+    """Whether a seed looks like one object of the neighbourhood: at most ``MAX_SEED_FRACTION`` of it, and not
+    running into a side of the neighbourhood behind which the image goes on (``open_sides``: top, left,
+    bottom, right). A predicted component that fails this is a whole land-cover class or a cluster of nuclei,
+    which the neighbourhood would cut with a straight edge."""
+    if seed.mean() > MAX_SEED_FRACTION:
+        return False
+    top, left, bottom, right = open_sides
+    edges = ((top, seed[0]), (left, seed[:, 0]), (bottom, seed[-1]), (right, seed[:, -1]))
+    return not any(open_ and edge.any() for open_, edge in edges)
 
 
 def predicted_region(prediction: np.ndarray, point: tuple[int, int]) -> np.ndarray | None:
@@ -132,6 +157,11 @@ def click_segment(
         seed = predicted_region(current, point)
     elif prediction is not None:
         seed = predicted_region(to_work(prediction), point)
+        open_sides = (wy0 > 0, wx0 > 0, wy1 < level_shape[0], wx1 < level_shape[1])
+        if seed is not None and not is_object_sized(seed, open_sides):
+            # the predicted class goes on past the neighbourhood (a field among fields): the object under the
+            # click is the part of it that also looks like the clicked pixel
+            seed = grow_region(window, point, within=seed)
     if seed is None:
         seed = grow_region(window, point)
     snapped = _snap(refiner or default_refiner(device), window, seed, point, L)
