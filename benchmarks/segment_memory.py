@@ -1,6 +1,7 @@
 """Peak RSS of `uhrseg segment` on a 20k x 20k image vs a 5k x 5k image (bar: within 10 %), per-window seconds.
 
 Usage: .venv/bin/python benchmarks/segment_memory.py [--sizes 5000 20000] [--mode global] [--work DIR]
+       [--baseline-patch-batch 16]
 
 What is measured: `python -m napari_uhrseg.cli segment IMAGE -o OUT.zarr --method grnet --mode MODE --device cpu`
 run as a subprocess on a synthetic pyramidal OME-TIFF of each size (level 0, the default 2448 px window, labels
@@ -66,12 +67,14 @@ def grnet_checkpoint(work: Path) -> tuple[Path, str]:
     return path, "random fast GRNet"
 
 
-def run_segment(image: Path, out: Path, ckpt: Path, mode: str, threads: int) -> dict:
+def run_segment(image: Path, out: Path, ckpt: Path, mode: str, threads: int, patch_batch: int | None = None) -> dict:
     """Run `uhrseg segment` as a child; returns its peak RSS (wait4 and polled), wall time and summary."""
     import psutil
 
     cmd = [sys.executable, "-m", "napari_uhrseg.cli", "segment", str(image), "-o", str(out), "--method", "grnet",
            "--checkpoint", str(ckpt), "--mode", mode, "--device", "cpu", "--quiet", "--overwrite"]
+    if patch_batch is not None:
+        cmd += ["--patch-batch", str(patch_batch)]
     env = dict(os.environ, UHRSEG_THREADS=str(threads))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
@@ -118,19 +121,24 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="global", choices=["global", "ppn", "all"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=None, help="folder for the images (kept between runs); default: a temp dir")
+    p.add_argument("--baseline-patch-batch", type=int, default=None,
+                   help="also run both sizes with this GRNet patch batch (e.g. 16, the batch before 2026-12-02)")
     args = p.parse_args(argv)
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "uhrseg-segment-memory"
     work.mkdir(parents=True, exist_ok=True)
     ckpt, kind = grnet_checkpoint(work)
     print(f"checkpoint: {kind} ({ckpt.name}); mode {args.mode}; {args.threads} threads; work folder {work}")
-    rows = []
+    rows, baseline = [], []
     for size in args.sizes:
         image = write_image(work / f"synthetic_{size}.ome.tif", size)
-        res = run_segment(image, work / f"labels_{size}.zarr", ckpt, args.mode, args.threads)
-        rows.append((size, res))
-        s = res["summary"]
-        print(f"  {size} x {size}: {s['windows']} windows, peak RSS {res['peak_rss_mb']:.0f} MB, "
-              f"{res['wall_s']:.0f} s", flush=True)
+        runs = [(None, rows)] + ([(args.baseline_patch_batch, baseline)] if args.baseline_patch_batch else [])
+        for batch, into in runs:
+            res = run_segment(image, work / f"labels_{size}.zarr", ckpt, args.mode, args.threads, batch)
+            into.append((size, res))
+            s = res["summary"]
+            what = "default patch batch" if batch is None else f"patch batch {batch}"
+            print(f"  {size} x {size} ({what}): {s['windows']} windows, peak RSS {res['peak_rss_mb']:.0f} MB, "
+                  f"{res['wall_s']:.0f} s", flush=True)
 
     print()
     print(f"{'image':>14} {'windows':>8} {'peak RSS MB':>12} {'polled MB':>10} {'s/window':>9} {'median':>7} "
@@ -140,6 +148,11 @@ def main(argv=None) -> int:
         print(f"{f'{size} x {size}':>14} {res['summary']['windows']:>8} {res['peak_rss_mb']:>12.0f} "
               f"{res['polled_peak_mb']:>10.0f} {np.mean(per):>9.2f} {np.median(per):>7.2f} {np.max(per):>6.2f} "
               f"{res['wall_s']:>7.0f}")
+    if baseline:
+        b_small, b_large = baseline[0][1]["peak_rss_mb"], baseline[-1][1]["peak_rss_mb"]
+        print(f"\nbaseline, patch batch {args.baseline_patch_batch}: peak RSS {b_small:.0f} / {b_large:.0f} MB, "
+              f"ratio {b_large / b_small:.3f}; s / window (largest) "
+              f"{np.mean(baseline[-1][1]['summary']['seconds_per_window']):.2f}")
     small, large = rows[0][1]["peak_rss_mb"], rows[-1][1]["peak_rss_mb"]
     ratio = large / small
     verdict = "PASS" if abs(ratio - 1) <= 0.10 else "FAIL"

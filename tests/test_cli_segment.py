@@ -93,6 +93,30 @@ def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     assert "--region" in capsys.readouterr().err
 
 
+def test_patch_batch_applies_to_grnet_only_and_must_be_positive(scene, tmp_path, capsys):
+    from napari_uhrseg.cli.segment import build_method, set_patch_batch
+    from napari_uhrseg.errors import UhrsegError
+
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), "--patch-batch", "4"]) == 2
+    assert "applies to grnet only" in capsys.readouterr().err
+    grnet = build_method("grnet", None, "cpu")  # the shipped starter
+    set_patch_batch(grnet, 2)
+    assert grnet.settings.patch_batch == 2
+    with pytest.raises(UhrsegError, match="at least 1"):
+        set_patch_batch(grnet, 0)
+
+
+def test_an_overlap_too_large_for_the_window_is_a_clear_error(scene, tmp_path, capsys):
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), "--window", "128"]) == 2  # the default overlap is 128 px
+    err = capsys.readouterr().err
+    assert "--overlap" in err and "Traceback" not in err
+    assert not (tmp_path / "a.zarr").exists()
+
+
 def test_ctrl_c_stops_after_the_window_and_keeps_finished_windows(scene, tmp_path, capsys, monkeypatch):
     path, ckpt, _, truth = scene
     calls = {"n": 0}

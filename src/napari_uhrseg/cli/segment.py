@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--region", default=None, help="y0,x0,y1,x1 in level-0 pixels (default: whole image)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="GRNet: refine the patches PPN selects (ppn), all patches (all) or none (global)")
+    p.add_argument("--patch-batch", type=int, default=None,
+                   help="GRNet: patches per R-branch call (default 4 on the CPU, 16 on a GPU; it sets the "
+                        "window's peak memory)")
     p.add_argument("--overlays", default=None,
                    help="overlay file (.geojson or .json; default: OUT's name + .patches.geojson)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT when it exists")
@@ -54,6 +57,7 @@ def run(args) -> int:
     from napari_uhrseg.device import select_device
     from napari_uhrseg.engine.overlays import write_overlays
     from napari_uhrseg.engine.segment import DEFAULT_WINDOW, iter_segment
+    from napari_uhrseg.engine.windows import check_window
     from napari_uhrseg.io.pyramid import open_pyramid
     from napari_uhrseg.methods.magnet import UncertaintyRecorder
 
@@ -63,12 +67,15 @@ def run(args) -> int:
     region = parse_region(args.region)
     choice = select_device(args.device)
     method = build_method(args.method, args.checkpoint, choice.device, args.mode)
+    if args.patch_batch is not None:
+        set_patch_batch(method, args.patch_batch)
     pyramid = open_pyramid(args.image)
     overlays_path = Path(args.overlays) if args.overlays else default_overlays_path(out)
     _say(args, f"uhrseg segment: {pyramid.name} {pyramid.shape[0]} x {pyramid.shape[1]} px, level {args.level}, "
                f"method {method.name}, {choice.describe()}")
 
     window = args.window or int(getattr(method, "window_size", 0) or DEFAULT_WINDOW)
+    check_window(window, args.overlap)  # before any output exists
     cancel = threading.Event()
     with _first_ctrl_c_cancels(cancel, lambda m: _say(args, m)), _label_store_for(out, args, pyramid, region, list(method.class_names)) as store:
         # MagNet's per-window uncertainty, assembled into one coarse whole-image map (nothing for other methods)
@@ -164,6 +171,16 @@ def set_mode(method, mode: str) -> None:
         method.mode = mode
     else:
         raise UhrsegError(f"Method {method.name!r} has no --mode; it applies to grnet only.")
+
+
+def set_patch_batch(method, n: int) -> None:
+    """GRNet's patches per R-branch call."""
+    settings = getattr(method, "settings", None)
+    if settings is None or not hasattr(settings, "patch_batch"):
+        raise UhrsegError(f"Method {method.name!r} has no --patch-batch; it applies to grnet only.")
+    if n < 1:
+        raise UhrsegError(f"--patch-batch must be at least 1, not {n}.")
+    settings.patch_batch = int(n)
 
 
 @contextlib.contextmanager

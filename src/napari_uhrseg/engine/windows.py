@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from napari_uhrseg.errors import UhrsegError
+
 # Weights never reach zero, so every covered pixel has a defined blend even where ramps meet.
 _MIN_WEIGHT = 1e-3
 
@@ -59,6 +61,21 @@ def axis_starts(length: int, window: int, overlap: int) -> list[int]:
     return [int(round(i * (length - window) / (n - 1))) for i in range(n)]
 
 
+class WindowSizeError(UhrsegError, ValueError):
+    """A window / overlap pair that cannot tile a region."""
+
+
+def check_window(window: int, overlap: int) -> None:
+    """Raise ``WindowSizeError`` (a message for the user) unless ``window`` and ``overlap`` can tile a region."""
+    if window < 16:
+        raise WindowSizeError(f"A window of {window} px is too small: use at least 16 px (--window).")
+    if not 0 <= overlap < window // 2:
+        raise WindowSizeError(
+            f"An overlap of {overlap} px does not fit a {window} px window: it must be at least 0 and under half "
+            f"the window ({window // 2} px). Choose a smaller --overlap or a larger --window."
+        )
+
+
 def window_grid(region: tuple[int, int, int, int], window: int, overlap: int) -> list[Window]:
     """The windows covering ``region = (y0, x0, y1, x1)`` (working-level pixels), in raster order.
 
@@ -68,10 +85,7 @@ def window_grid(region: tuple[int, int, int, int], window: int, overlap: int) ->
     ry0, rx0, ry1, rx1 = (int(v) for v in region)
     if ry1 <= ry0 or rx1 <= rx0:
         raise ValueError(f"empty region {region}")
-    if window < 16:
-        raise ValueError(f"window {window} px is too small (at least 16)")
-    if not 0 <= overlap < window // 2:
-        raise ValueError(f"overlap {overlap} px must be >= 0 and < half the window ({window // 2})")
+    check_window(window, overlap)
     ys = axis_starts(ry1 - ry0, window, overlap)
     xs = axis_starts(rx1 - rx0, window, overlap)
     hs = min(window, ry1 - ry0)
