@@ -409,7 +409,7 @@ class TrainWidget(QWidget):
             if ev.val_miou is not None and np.isfinite(ev.val_miou):
                 self.curves.add_miou(ev.step, ev.val_miou)
             best = f", best val mIoU {ev.best_miou:.3f}" if ev.best_miou is not None else ""
-            self.status.setText(f"step {ev.step}/{ev.total} ({ev.phase}) loss {loss:.3f}{best}")
+            self.status.setText(f"step {ev.step}/{ev.total} ({ev.phase}) loss {loss:.3g}{best}")
             self.stepped.emit(ev)
         elif kind == "live":
             self._show_live(payload)
