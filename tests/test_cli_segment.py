@@ -144,3 +144,24 @@ def test_ctrl_c_stops_after_the_window_and_keeps_finished_windows(scene, tmp_pat
     np.testing.assert_array_equal(labels[done], truth[done])
     assert (labels[~done] == 0).all()
     assert len(read_overlays(tmp_path / "stopped.patches.geojson")) == 4 * 3
+
+
+def test_overlays_are_written_record_by_record(tmp_path):
+    """A 20000² slide has ~8500 PPN records: writing them must not build the whole document in memory (it did,
+    ~58 MB of Python objects at the very end of a run), and both formats read back the same records."""
+    import tracemalloc
+
+    from napari_uhrseg.engine.overlays import write_overlays
+
+    records = [{"kind": "ppn_patch", "box": (float(i), 2.0 * i, i + 256.0, 2.0 * i + 256), "probability": i / 9000,
+                "selected": i % 3 == 0, "window": i // 16, "level": 0} for i in range(8500)]
+    for name in ("p.geojson", "p.json"):
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        write_overlays(records, tmp_path / name)
+        extra = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        assert extra < 8 * 2**20, f"{name}: {extra / 2**20:.1f} MB while writing"
+        back = read_overlays(tmp_path / name)
+        assert len(back) == len(records)
+        assert back[4321]["box"] == records[4321]["box"] and back[4321]["selected"] == records[4321]["selected"]

@@ -55,7 +55,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from napari_uhrseg.device import select_device
-    from napari_uhrseg.engine.overlays import write_overlays
+    from napari_uhrseg.engine.overlays import OverlaySpool, write_overlays
     from napari_uhrseg.engine.segment import DEFAULT_WINDOW, iter_segment
     from napari_uhrseg.engine.windows import check_window
     from napari_uhrseg.io.pyramid import open_pyramid
@@ -77,21 +77,24 @@ def run(args) -> int:
     window = args.window or int(getattr(method, "window_size", 0) or DEFAULT_WINDOW)
     check_window(window, args.overlap)  # before any output exists
     cancel = threading.Event()
-    with _first_ctrl_c_cancels(cancel, lambda m: _say(args, m)), _label_store_for(out, args, pyramid, region, list(method.class_names)) as store:
+    with _first_ctrl_c_cancels(cancel, lambda m: _say(args, m)), \
+            _label_store_for(out, args, pyramid, region, list(method.class_names)) as store, OverlaySpool() as spool:
         # MagNet's per-window uncertainty, assembled into one coarse whole-image map (nothing for other methods)
         recorder = UncertaintyRecorder(pyramid.shape, pyramid.downsamples[args.level])
         gen = iter_segment(pyramid, method, level=args.level, window=window, overlap=args.overlap,
-                           region=region, store=store, cancel=cancel)
-        result, interrupted = _drive(gen, args, on_event=recorder.add_event)
-        if result is not None:
-            overlays = result.overlays
-        else:  # second Ctrl-C: the engine wrote what was finished, we write what we saw
-            overlays = interrupted
+                           region=region, store=store, cancel=cancel, keep_overlays=False)
+
+        def on_event(ev):  # overlays go to a temporary file as they come (even after a second Ctrl-C)
+            spool.add(ev.overlays)
+            recorder.add_event(ev)
+
+        result = _drive(gen, args, on_event=on_event)
         labels_path = _write_labels(out, store, method, pyramid, args.level)
-        write_overlays(overlays, overlays_path)
+        write_overlays(spool.records(), overlays_path)
         uncertainty_path = recorder.save_next_to(labels_path, pyramid.pixel_size, pyramid.pixel_unit)
 
     summary = result.summary() if result is not None else {"windows_done": None, "cancelled": True}
+    summary.update({"patches": spool.patches, "patches_selected": spool.patches_selected})
     summary.update({"image": str(args.image), "labels": str(labels_path), "overlays": str(overlays_path),
                     "device_name": choice.name})
     if uncertainty_path is not None:
@@ -224,16 +227,14 @@ def _write_labels(out: Path, store, method, pyramid, level: int) -> Path:
 
 def _drive(gen, args, on_event=None):
     """Run the engine's generator, printing a line per window (and handing each event to ``on_event``);
-    returns (result or None, overlays seen)."""
-    seen: list[dict] = []
+    returns the result, or None after a second Ctrl-C."""
     t0 = time.perf_counter()
     try:
         while True:
             try:
                 ev = next(gen)
             except StopIteration as stop:
-                return stop.value, seen
-            seen.extend(ev.overlays)
+                return stop.value
             if on_event is not None:
                 on_event(ev)
             _say(args, f"window {ev.index + 1}/{ev.total}  {ev.seconds['total_s']:.2f} s "
@@ -242,7 +243,7 @@ def _drive(gen, args, on_event=None):
     except KeyboardInterrupt:
         gen.close()
         print("uhrseg segment: interrupted; writing the finished windows.", file=sys.stderr)
-        return None, seen
+        return None
 
 
 @contextlib.contextmanager

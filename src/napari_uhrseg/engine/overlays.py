@@ -8,44 +8,85 @@ whether PPN selected the patch for refinement.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 SELECTED_COLOR = [255, 128, 0]
 SKIPPED_COLOR = [90, 160, 255]
 
 
+def overlay_feature(rec: dict) -> dict:
+    """One record as a GeoJSON Feature: a rectangle in level-0 pixels (x then y)."""
+    y0, x0, y1, x1 = (float(v) for v in rec["box"])
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    selected = bool(rec.get("selected", False))
+    props = {k: v for k, v in rec.items() if k != "box"}
+    props.update({
+        "objectType": "annotation",
+        "name": f"{rec.get('kind', 'overlay')} w{rec.get('window', '?')} p={rec.get('probability', float('nan')):.2f}",
+        "classification": {"name": "PPN selected" if selected else "PPN not selected",
+                           "color": SELECTED_COLOR if selected else SKIPPED_COLOR},
+        "measurements": {"probability": float(rec.get("probability", float("nan")))},
+    })
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+
+
 def overlays_to_geojson(records: list[dict]) -> dict:
     """A GeoJSON FeatureCollection of rectangles (level-0 pixels, x then y)."""
-    features = []
-    for rec in records:
-        y0, x0, y1, x1 = (float(v) for v in rec["box"])
-        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
-        selected = bool(rec.get("selected", False))
-        props = {k: v for k, v in rec.items() if k != "box"}
-        props.update({
-            "objectType": "annotation",
-            "name": f"{rec.get('kind', 'overlay')} w{rec.get('window', '?')} p={rec.get('probability', float('nan')):.2f}",
-            "classification": {"name": "PPN selected" if selected else "PPN not selected",
-                               "color": SELECTED_COLOR if selected else SKIPPED_COLOR},
-            "measurements": {"probability": float(rec.get("probability", float("nan")))},
-        })
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                         "properties": props})
-    return {"type": "FeatureCollection", "features": features}
+    return {"type": "FeatureCollection", "features": [overlay_feature(r) for r in records]}
 
 
-def write_overlays(records: list[dict], path: str | Path) -> Path:
-    """Write ``records`` atomically: GeoJSON for ``.geojson``, a plain JSON list for anything else."""
+def write_overlays(records: Iterable[dict], path: str | Path) -> Path:
+    """Write ``records`` atomically: GeoJSON for ``.geojson``, a plain JSON list for anything else.
+
+    Streamed one record at a time: a whole slide's records (16 per window) as one JSON document in memory
+    would cost ~70 MB for a 20000² image at the very end of a run, more than the run itself grew."""
     from napari_uhrseg.io.atomic import atomic_path
 
     path = Path(path)
-    if path.suffix.lower() == ".geojson":
-        payload = overlays_to_geojson(records)
-    else:
-        payload = [{**r, "box": [float(v) for v in r["box"]]} for r in records]
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(payload, indent=1, allow_nan=True))
+    geojson = path.suffix.lower() == ".geojson"
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write('{"type": "FeatureCollection", "features": [\n' if geojson else "[\n")
+        for i, rec in enumerate(records):
+            item = overlay_feature(rec) if geojson else {**rec, "box": [float(v) for v in rec["box"]]}
+            f.write((",\n" if i else "") + json.dumps(item, allow_nan=True))
+        f.write("\n]}\n" if geojson else "\n]\n")
     return path
+
+
+class OverlaySpool:
+    """Overlay records kept in a temporary file as they come (one JSON line each) instead of in memory; counts
+    PPN patches on the way. ``records()`` reads them back one at a time (for ``write_overlays``)."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile("w+", prefix="uhrseg-overlays-", suffix=".jsonl")
+        self.count = self.patches = self.patches_selected = 0
+
+    def add(self, records: Iterable[dict]) -> None:
+        for rec in records:
+            self._file.write(json.dumps({**rec, "box": [float(v) for v in rec["box"]]}, allow_nan=True) + "\n")
+            self.count += 1
+            if rec.get("kind") == "ppn_patch":
+                self.patches += 1
+                self.patches_selected += bool(rec.get("selected"))
+
+    def records(self) -> Iterator[dict]:
+        self._file.flush()
+        self._file.seek(0)
+        for line in self._file:
+            rec = json.loads(line)
+            yield {**rec, "box": tuple(rec["box"])}
+        self._file.seek(0, 2)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "OverlaySpool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_overlays(path: str | Path) -> list[dict]:

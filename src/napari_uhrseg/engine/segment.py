@@ -156,6 +156,7 @@ def iter_segment(
     progress: Callable[[int, int], None] | None = None,
     pad_small: bool = True,
     spill_bytes: int = DEFAULT_SPILL_BYTES,
+    keep_overlays: bool = True,
 ) -> Generator[WindowEvent, None, SegmentResult]:
     """Segment window by window, yielding a ``WindowEvent`` per finished window; returns a ``SegmentResult``.
 
@@ -173,6 +174,9 @@ def iter_segment(
     pad_small : pad an image smaller than a window up to the window (reflected), so the method sees the
         scale it was trained at.
     spill_bytes : pending overlap strips larger than this go to a temporary folder on disk.
+    keep_overlays : collect every window's overlay records in ``SegmentResult.overlays``; a caller that takes
+        them from the events (and writes them out as they come) passes False, so that memory does not grow
+        with the number of windows (16 records a window: ~130 MB of dicts for a 100k² slide).
     """
     from napari_uhrseg.io.labels import create_label_store
     from napari_uhrseg.memory import tune_native_heap
@@ -222,7 +226,8 @@ def iter_segment(
             records = overlay_records(prediction.artefacts, read_box, win.index, level, downsample, level_shape)
             artefacts = dict(prediction.artefacts)
             del prediction  # the window's probabilities go before the consumer runs and the next window starts
-            overlays.extend(records)
+            if keep_overlays:
+                overlays.extend(records)
             seconds = {
                 "read_wait_s": t_read - t0,
                 "predict_s": t_pred - t_read,
