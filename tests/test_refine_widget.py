@@ -76,3 +76,38 @@ def test_click_mode_paints_and_escape_leaves(dock):
     assert np.array_equal(labels.data, before)
     widget._escape()
     assert widget._on_click not in viewer.mouse_drag_callbacks and not widget.click_button.isChecked()
+
+
+def test_click_seeds_from_the_segment_output(make_napari_viewer, qtbot):
+    """The Segment dock's "<image> labels" is the click's prediction by default: two fields of the same colour
+    side by side, told apart only by the prediction — the click paints (into another labels layer) the one under
+    it, where a seed grown from the colours would take both."""
+    from napari_uhrseg.widgets.refine import NO_PREDICTION, RefineWidget
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(2)
+    image = np.clip(rng.normal((200, 180, 120), 10, (300, 300, 3)), 0, 255).astype(np.uint8)
+    fields = np.zeros((300, 300), bool)
+    fields[100:180, 40:260] = True
+    image[fields] = np.clip(rng.normal((70, 120, 60), 10, (fields.sum(), 3)), 0, 255).astype(np.uint8)
+    prediction = np.ones((300, 300), np.uint8)
+    prediction[100:180, 150:260] = 2  # the right-hand field is another class
+    viewer.add_image(image, name="img", rgb=True)
+    viewer.add_labels(prediction, name="img labels")
+    annotations = viewer.add_labels(np.zeros((300, 300), np.uint8), name="annotations")
+    widget = RefineWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.synchronous = True
+    widget.refiner = CascadePSP(GrowDouble())
+    widget.labels_combo.setCurrentText("annotations")
+    assert widget.prediction_combo.currentText() == "img labels"
+    annotations.selected_label = 3
+    widget.click_at((140.0, 200.0))
+    painted, right = annotations.data == 3, prediction == 2
+    assert (painted & right).sum() / (painted | right).sum() > 0.8, widget.status.text()
+    viewer.add_labels(np.zeros((10, 10), np.uint8), name="small")
+    widget.prediction_combo.setCurrentText("small")
+    widget._run = lambda job, done: None  # only the status line before the job matters here
+    widget.click_at((140.0, 200.0))
+    assert "not the size of the labels" in widget.status.text()
+    assert NO_PREDICTION in [widget.prediction_combo.itemText(i) for i in range(widget.prediction_combo.count())]

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (
 )  # fmt: skip
 
 BRUSH_NAME = "refine brush"
+NO_PREDICTION = "image colours (no prediction)"
 
 #: The dock's keys → what they do (docs/user-guide.md lists them; tests check napari binds none of them).
 SHORTCUTS = {
@@ -39,7 +40,9 @@ class RefineWidget(QWidget):
         self._click_on = False
         self._escape_grab = None  # (layer, its own Escape binding or None) while click mode holds Escape there
 
-        self.image_combo, self.labels_combo = QComboBox(), QComboBox()
+        self.image_combo, self.labels_combo, self.prediction_combo = QComboBox(), QComboBox(), QComboBox()
+        self.prediction_combo.setToolTip("Labels whose region under a click seeds click-to-segment (e.g. the Segment "
+                                         "dock's output); without one, the seed is grown from the image colours")
         self.fast_check = QCheckBox("fast mode (global step only)")
         self.L_spin = QSpinBox(minimum=64, maximum=4096, value=900)
         self.level_spin = QSpinBox(minimum=0, maximum=20, value=0)
@@ -55,6 +58,7 @@ class RefineWidget(QWidget):
         form = QFormLayout()
         form.addRow("image", self.image_combo)
         form.addRow("labels", self.labels_combo)
+        form.addRow("click seeds from", self.prediction_combo)
         form.addRow("L (global step px)", self.L_spin)
         form.addRow("working level", self.level_spin)
         layout = QVBoxLayout(self)
@@ -128,10 +132,31 @@ class RefineWidget(QWidget):
             combo.addItems([l.name for l in self.viewer.layers if isinstance(l, kind) and l.name != BRUSH_NAME])
             if current:
                 combo.setCurrentText(current)
+        current = self.prediction_combo.currentText()
+        labels = [l.name for l in self.viewer.layers if isinstance(l, Labels) and l.name != BRUSH_NAME]
+        self.prediction_combo.clear()
+        self.prediction_combo.addItems([NO_PREDICTION, *labels])
+        segmented = f"{self.image_combo.currentText()} labels"  # the Segment dock's output for this image
+        if current in labels or current == NO_PREDICTION:
+            self.prediction_combo.setCurrentText(current)
+        elif segmented in labels:
+            self.prediction_combo.setCurrentText(segmented)
 
     def _layer(self, combo):
         name = combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _prediction(self, labels_data):
+        """(the chosen prediction layer's data, "") when it shares the labels' frame, else (None, why not)."""
+        name = self.prediction_combo.currentText()
+        if name == NO_PREDICTION or name not in self.viewer.layers:
+            return None, ""
+        layer = self.viewer.layers[name]
+        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        if tuple(data.shape[-2:]) != tuple(labels_data.shape[-2:]):
+            return None, (f"{name!r} ({data.shape[-2]} x {data.shape[-1]} px) is not the size of the labels "
+                          f"({labels_data.shape[-2]} x {labels_data.shape[-1]}): seeding from the image colours. ")
+        return data, ""
 
     def _image_data(self, layer):
         """Level 0 of the image layer (a list of levels for multiscale layers)."""
@@ -297,10 +322,11 @@ class RefineWidget(QWidget):
         point = np.asarray(image.world_to_data(world_position))[-2:]
         data, lab, label_id = self._image_data(image), labels.data, int(labels.selected_label)
         level = self.level_spin.value()
+        prediction, note = self._prediction(lab)
 
         def job():
             return click_segment(data, lab, point, label_id=label_id, remove=remove, level=level,
-                                 refiner=self._refiner())  # fmt: skip
+                                 prediction=prediction, refiner=self._refiner())  # fmt: skip
 
-        self._say("Segmenting…")
+        self._say(f"{note}Segmenting…")
         return self._run(job, lambda edit: self.apply_edit(labels, edit))
