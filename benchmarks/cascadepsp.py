@@ -13,7 +13,8 @@ IoU with the GT is in 0.8–0.9 (a coarse segmenter's output). Then, in the same
   from the eroded mask and its eroded complement (a classical boundary snap).
 
 Prints pooled IoU (ΣI/ΣU) and mean mBA before/after, seconds per mask, peak RSS; and the click-to-segment time on
-1024² neighbourhoods. Figures go to stdout and ``--json``.
+1024² neighbourhoods (seed grown from the click, and seeded from the ground truth as a prediction) with the share
+of the neighbourhood each click painted. Figures go to stdout and ``--json``.
 
     .venv/bin/python benchmarks/cascadepsp.py --threads 2 [--deepglobe 10452,2774,6399] [--max-per-dataset 2] [--figures docs/methods]
 """
@@ -124,21 +125,26 @@ def run_mode(mode, refiner, image, seg):
     return out, time.perf_counter() - t0, crops
 
 
-def click_timing(refiner, n: int = 4) -> list[float]:
-    """Seconds per click on 1024² neighbourhoods of a DeepGlobe test tile (seed grown from the click)."""
+def click_timing(refiner, n: int = 4, *, seeded: bool = False) -> tuple[list[float], list[float]]:
+    """Seconds per click on 1024² neighbourhoods of a DeepGlobe test tile, and the share of the neighbourhood
+    each click painted. ``seeded``: the tile's ground truth is the prediction (a perfect segmenter's classes,
+    which run across the neighbourhood: the click must still paint one object); else the seed is grown from
+    the click."""
     rgb, lab = datasets.load_deepglobe_tile(datasets.deepglobe_split()["test"][0])
     rng = np.random.default_rng(0)
     labels = np.zeros(lab.shape, np.uint8)
-    times = []
+    times, shares = [], []
     for _ in range(n):
         y, x = rng.integers(600, 1800, 2)
         t0 = time.perf_counter()
         try:
-            click_segment(rgb, labels, (float(y), float(x)), label_id=1, refiner=refiner)
+            edit = click_segment(rgb, labels, (float(y), float(x)), label_id=1, refiner=refiner,
+                                 prediction=lab if seeded else None)
+            shares.append(edit.changed / edit.before.size)
         except Exception as exc:  # a click on nothing still costs its time; say so
             print(f"  click at {(int(y), int(x))}: {exc}")
         times.append(time.perf_counter() - t0)
-    return times
+    return times, shares
 
 
 def main(argv=None) -> int:
@@ -215,9 +221,12 @@ def main(argv=None) -> int:
             summary["local_seconds_per_crop"] = extra / n_crops
             print(f"  local step: {extra / n_crops:.2f} s per {GLOBAL_L}² crop ({n_crops} crops refined)")
     if args.clicks:
-        times = click_timing(refiner, args.clicks)
-        summary["click_seconds"] = times
-        print(f"  click-to-segment on 1024² neighbourhoods: median {np.median(times):.2f} s, max {max(times):.2f} s")
+        for seeded, key in ((False, "click"), (True, "click_seeded")):
+            times, shares = click_timing(refiner, args.clicks, seeded=seeded)
+            summary[f"{key}_seconds"], summary[f"{key}_painted_share"] = times, shares
+            how = "seeded from the ground truth as prediction" if seeded else "seed grown from the click"
+            print(f"  click-to-segment on 1024² neighbourhoods ({how}): median {np.median(times):.2f} s, "
+                  f"max {max(times):.2f} s; painted {', '.join(f'{100 * v:.1f}' for v in shares)} % of the neighbourhood")
     print(f"threads {args.threads}; load average (1, 5, 15 min) at start {load_at_start}, at end "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if args.json:
