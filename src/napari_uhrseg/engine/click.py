@@ -5,8 +5,8 @@ given — the connected component of the predicted class there — otherwise a c
 the click: a flood fill in smoothed CIELAB colour, its tolerance chosen so the region is neither a speck nor the
 whole neighbourhood. A predicted component that is not object-sized (more than ``MAX_SEED_FRACTION`` of the
 neighbourhood, or running out of it where the image goes on: one field among the fields of a whole
-agricultural class) is narrowed by that same colour fill, confined to the component. Both are computed at the working level inside a square neighbourhood (default 1024 px)
-around the click. The click point is in level-0 pixels ``(y, x)`` (napari world coordinates of a multiscale
+agricultural class) is narrowed by that same colour fill, confined to the component. Both are computed at the
+working level inside a square neighbourhood (default 1024 px) around the click. The click point is in level-0 pixels ``(y, x)`` (napari world coordinates of a multiscale
 image with unit scale); labels and prediction share the labels frame (see ``engine.refine``).
 """
 from __future__ import annotations

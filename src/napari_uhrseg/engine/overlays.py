@@ -32,11 +32,6 @@ def overlay_feature(rec: dict) -> dict:
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
 
 
-def overlays_to_geojson(records: list[dict]) -> dict:
-    """A GeoJSON FeatureCollection of rectangles (level-0 pixels, x then y)."""
-    return {"type": "FeatureCollection", "features": [overlay_feature(r) for r in records]}
-
-
 def write_overlays(records: Iterable[dict], path: str | Path) -> Path:
     """Write ``records`` atomically: GeoJSON for ``.geojson``, a plain JSON list for anything else.
 
@@ -61,12 +56,11 @@ class OverlaySpool:
 
     def __init__(self):
         self._file = tempfile.TemporaryFile("w+", prefix="uhrseg-overlays-", suffix=".jsonl")
-        self.count = self.patches = self.patches_selected = 0
+        self.patches = self.patches_selected = 0
 
     def add(self, records: Iterable[dict]) -> None:
         for rec in records:
             self._file.write(json.dumps({**rec, "box": [float(v) for v in rec["box"]]}, allow_nan=True) + "\n")
-            self.count += 1
             if rec.get("kind") == "ppn_patch":
                 self.patches += 1
                 self.patches_selected += bool(rec.get("selected"))

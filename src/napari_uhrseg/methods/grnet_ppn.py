@@ -170,10 +170,10 @@ class GRNetSettings:
     patch_batch: int | None = None  # None: CPU_PATCH_BATCH on the CPU, GPU_PATCH_BATCH elsewhere
 
 
-# Patches refined per R-branch call. On the CPU a larger batch is not faster per patch, and the batch sets the
-# window's peak memory: with 16, a window whose PPN selects every patch needs ~0.5 GB more than one that selects
-# four, so the peak RSS of a run crept up with the number of windows (the more windows, the likelier one picks
-# them all). With 4 the peak is reached by the first ordinary window.
+# Patches refined per R-branch call. The batch sets a window's peak memory: with 16, a window whose PPN selects
+# every patch needs ~0.5 GB more than one that selects four, so the peak RSS of a run crept up with the number
+# of windows (the more windows, the likelier one picks them all; 20000² vs 5000²: 1.35x). With 4 the peak is
+# reached by the first ordinary window, for ~15 % more time per window on 2 CPU cores (docs/benchmarks.md).
 CPU_PATCH_BATCH = 4
 GPU_PATCH_BATCH = 16
 
