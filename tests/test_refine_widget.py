@@ -101,6 +101,12 @@ def test_click_seeds_from_the_segment_output(make_napari_viewer, qtbot):
     widget.refiner = CascadePSP(GrowDouble())
     widget.labels_combo.setCurrentText("annotations")
     assert widget.prediction_combo.currentText() == "img labels"
+    late = RefineWidget(viewer)  # a dock opened before the Segment output exists takes it when it appears
+    qtbot.addWidget(late)
+    viewer.layers.remove("img labels")
+    assert late.prediction_combo.currentText() == NO_PREDICTION
+    viewer.add_labels(prediction, name="img labels")
+    assert late.prediction_combo.currentText() == "img labels"
     annotations.selected_label = 3
     widget.click_at((140.0, 200.0))
     painted, right = annotations.data == 3, prediction == 2

@@ -43,6 +43,8 @@ class RefineWidget(QWidget):
         self.image_combo, self.labels_combo, self.prediction_combo = QComboBox(), QComboBox(), QComboBox()
         self.prediction_combo.setToolTip("Labels whose region under a click seeds click-to-segment (e.g. the Segment "
                                          "dock's output); without one, the seed is grown from the image colours")
+        self._prediction_picked = False  # set when the user chooses in the combo (not by our refreshes)
+        self.prediction_combo.activated.connect(lambda *_: setattr(self, "_prediction_picked", True))
         self.fast_check = QCheckBox("fast mode (global step only)")
         self.L_spin = QSpinBox(minimum=64, maximum=4096, value=900)
         self.level_spin = QSpinBox(minimum=0, maximum=20, value=0)
@@ -137,10 +139,11 @@ class RefineWidget(QWidget):
         self.prediction_combo.clear()
         self.prediction_combo.addItems([NO_PREDICTION, *labels])
         segmented = f"{self.image_combo.currentText()} labels"  # the Segment dock's output for this image
-        if current in labels or current == NO_PREDICTION:
-            self.prediction_combo.setCurrentText(current)
-        elif segmented in labels:
+        # The Segment output becomes the default when it appears, unless the user picked something themselves.
+        if segmented in labels and not self._prediction_picked:
             self.prediction_combo.setCurrentText(segmented)
+        elif current in labels or current == NO_PREDICTION:
+            self.prediction_combo.setCurrentText(current)
 
     def _layer(self, combo):
         name = combo.currentText()
