@@ -176,7 +176,8 @@ def iter_segment(
     spill_bytes : pending overlap strips larger than this go to a temporary folder on disk.
     keep_overlays : collect every window's overlay records in ``SegmentResult.overlays``; a caller that takes
         them from the events (and writes them out as they come) passes False, so that memory does not grow
-        with the number of windows (16 records a window: ~130 MB of dicts for a 100k² slide).
+        with the number of windows (16 records a window: ~130 MB of dicts for a 100k² slide). The result's
+        ``overlays`` is then empty and ``summary()`` counts no patches: the caller counts them (``OverlaySpool``).
     """
     from napari_uhrseg.io.labels import create_label_store
     from napari_uhrseg.memory import tune_native_heap
