@@ -136,6 +136,27 @@ def test_certainty_equals_top1_minus_top2_on_a_canvas():
     torch.testing.assert_close(mg.certainty(p[None]), (top2[0] - top2[1])[None], atol=0, rtol=0)
 
 
+def test_certainty_map_split_over_threads_gives_the_same_map():
+    p = torch.softmax(torch.randn(7, 1031, 70) * 3, dim=0)  # 1031 rows: uneven blocks and a short last band
+    top2 = p.topk(2, dim=0).values
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            torch.testing.assert_close(mg.certainty_map(p), top2[0] - top2[1], atol=0, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_top_k_threshold_and_count_match_torch():
+    values = torch.rand(10_001)
+    values[::7] = 0.5  # ties
+    for k in (1, 17, 5000, 10_001):
+        assert float(mg.kth_largest(values, k)) == float(values.kthvalue(values.numel() - k + 1).values)
+    mask = values > 0.5
+    assert mg.count_true(mask) == int(mask.sum()) and mg.count_true(torch.zeros(3, dtype=torch.bool)) == 0
+
+
 def test_resize_maps_is_bilinear_with_aligned_pixel_centres():
     x = torch.rand(3, 20, 30)
     expected = torch.nn.functional.interpolate(x[None], size=(47, 61), mode="bilinear", align_corners=False)[0]

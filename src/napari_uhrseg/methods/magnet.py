@@ -227,23 +227,51 @@ def certainty(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def certainty_map(probabilities: torch.Tensor, rows: int = 64) -> torch.Tensor:
     """``certainty`` of ``(C, H, W)`` probabilities → ``(H, W)``, a band of ``rows`` rows at a time (the running
-    maxima stay in the cache: ~1.6× faster on a 7-class 2448² canvas). On the CPU the bands go through NumPy, in
-    the calling thread: hundreds of small parallel ops are what suffers most when other jobs share the cores."""
+    maxima stay in the cache: ~1.6× faster on a 7-class 2448² canvas). On the CPU the bands go through NumPy:
+    hundreds of small parallel torch ops are what suffers most when other jobs share the cores. A large map is
+    split into one block of bands per torch thread, each worked through by its own Python thread (NumPy
+    releases the GIL): two blocks, not hundreds of ops, to schedule."""
     if probabilities.device.type != "cpu":
         out = torch.empty(probabilities.shape[-2:], device=probabilities.device)
         for r in range(0, probabilities.shape[-2], rows):
             out[r : r + rows] = certainty(probabilities[None, :, r : r + rows])[0]
         return out
     p = probabilities.detach().float().numpy()
-    c, h = p.shape[0], p.shape[1]
     out = np.empty(p.shape[1:], np.float32)
-    if c < 2:
+    if p.shape[0] < 2:
         out.fill(1)
         return torch.from_numpy(out)
-    first, second = np.empty((rows, p.shape[2]), np.float32), np.empty((rows, p.shape[2]), np.float32)
+    h = p.shape[1]
+    workers = max(1, min(torch.get_num_threads(), MAX_MAP_THREADS, h // MIN_ROWS_PER_THREAD))
+    if workers == 1:
+        _certainty_rows(p, out, 0, h, rows)
+    else:
+        edges = [round(i * h / workers) for i in range(workers + 1)]
+        list(_map_pool().map(lambda i: _certainty_rows(p, out, edges[i], edges[i + 1], rows), range(workers)))
+    return torch.from_numpy(out)
+
+
+MAX_MAP_THREADS = 8
+MIN_ROWS_PER_THREAD = 256  # below this a thread's start-up costs more than its share of the work
+_POOL = None
+
+
+def _map_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=MAX_MAP_THREADS, thread_name_prefix="uhrseg-certainty")
+    return _POOL
+
+
+def _certainty_rows(p: np.ndarray, out: np.ndarray, r0: int, r1: int, rows: int) -> None:
+    """Top-1 minus top-2 of ``p[:, r0:r1]`` into ``out[r0:r1]``, ``rows`` rows at a time."""
+    c, width = p.shape[0], p.shape[2]
+    first, second = np.empty((rows, width), np.float32), np.empty((rows, width), np.float32)
     scratch = np.empty_like(first)
-    for r in range(0, h, rows):
-        n = min(rows, h - r)
+    for r in range(r0, r1, rows):
+        n = min(rows, r1 - r)
         f, s, t = first[:n], second[:n], scratch[:n]
         np.maximum(p[0, r : r + n], p[1, r : r + n], out=f)
         np.minimum(p[0, r : r + n], p[1, r : r + n], out=s)
@@ -252,7 +280,6 @@ def certainty_map(probabilities: torch.Tensor, rows: int = 64) -> torch.Tensor:
             np.maximum(s, t, out=s)
             np.maximum(f, p[k, r : r + n], out=f)
         np.subtract(f, s, out=out[r : r + n])
-    return torch.from_numpy(out)
 
 
 def median_blur(maps: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -434,6 +461,24 @@ def select_patches(scores: list[float], n_patches: int) -> list[int]:
     return sorted(order if n_patches < 0 else order[:n_patches])
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest of the 1-D ``values`` (1 ≤ k ≤ n), as a 0-d tensor: the threshold of a top-k.
+    On the CPU through NumPy's introselect (``partition``): the same number as ``kthvalue(n − k + 1)``, ~25×
+    faster on the million query scores of a scale (24 ms → 1 ms)."""
+    n = values.numel()
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.partition(values.detach().numpy(), n - k)[n - k : n - k + 1]).reshape(())
+    return values.kthvalue(n - k + 1).values
+
+
+def count_true(mask: torch.Tensor) -> int:
+    """Number of True elements; ``sum()`` of a boolean tensor is ~100× slower than NumPy's count on the CPU
+    (20 ms for a 2448² mask)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.detach().numpy()))
+    return int(torch.count_nonzero(mask))
+
+
 def top_k_mask(query_map: torch.Tensor, covered: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` covered pixels with the highest ``query_map`` as a boolean map; ties at the threshold go in
     raster order (as a stable descending sort would take them). One ``kthvalue`` over the covered pixels
@@ -448,9 +493,9 @@ def top_k_mask(query_map: torch.Tensor, covered: torch.Tensor, k: int) -> torch.
         return mask.view_as(covered)
     if k == n:
         return covered.clone()
-    threshold = values.kthvalue(n - k + 1).values
+    threshold = kth_largest(values, k)
     chosen = values > threshold
-    missing = k - int(chosen.sum())
+    missing = k - count_true(chosen)
     if missing > 0:
         tied = values == threshold
         chosen |= tied & (tied.cumsum(0) <= missing)
@@ -511,8 +556,8 @@ def _top_k_in_parts(parts: list[tuple], k: int, width: int) -> list[torch.Tensor
         return [torch.zeros(q.shape, dtype=torch.bool, device=q.device) for _, _, q, _ in parts]
     if k == n:
         return [torch.ones(q.shape, dtype=torch.bool, device=q.device) for _, _, q, _ in parts]
-    threshold = values.kthvalue(n - k + 1).values
-    missing = k - int((values > threshold).sum())
+    threshold = kth_largest(values, k)
+    missing = k - count_true(values > threshold)
     masks = [q > threshold for _, _, q, _ in parts]
     if missing > 0:  # the first `missing` tied pixels in raster order, wherever they are
         def tied(box, q, owned):
@@ -740,7 +785,7 @@ def _to_numpy_map(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """A 2-D map (any dtype) as float32 at ``size`` (area-averaged when shrinking)."""
     import cv2
 
-    a = x.detach().cpu().float().numpy()
+    a = x.detach().cpu().numpy().astype(np.float32, copy=False)  # NumPy converts a boolean map ~3× faster
     if a.shape == tuple(size):
         return a.astype(np.float32, copy=False)
     shrink = size[0] < a.shape[0] or size[1] < a.shape[1]
@@ -760,7 +805,7 @@ def stage_artefacts(stages: list[dict], window_shape: tuple[int, int], map_shape
                 "scale": tuple(int(v) for v in st["scale"]),
                 "query_map": np.clip(_to_numpy_map(st["query_map"], map_shape), 0, 1),
                 "replaced": None if replaced is None else _to_numpy_map(replaced, map_shape),
-                "n_replaced": 0 if replaced is None else int(replaced.sum()),
+                "n_replaced": 0 if replaced is None else count_true(replaced),
                 "patches": [
                     {
                         "box": (round(p["box"][0] * fy), round(p["box"][1] * fx),
