@@ -12,9 +12,11 @@ IoU with the GT is in 0.8–0.9 (a coarse segmenter's output). Then, in the same
 * ``baseline``: scikit-image ``random_walker`` in a ±3 px band around the perturbed boundary at ≤ 1024 px, seeds
   from the eroded mask and its eroded complement (a classical boundary snap).
 
-Prints pooled IoU (ΣI/ΣU) and mean mBA before/after, seconds per mask, peak RSS; and the click-to-segment time on
-1024² neighbourhoods (seed grown from the click, and seeded from the ground truth as a prediction) with the share
-of the neighbourhood each click painted. Figures go to stdout and ``--json``.
+Prints pooled IoU (ΣI/ΣU) and mean mBA before/after, seconds per mask, peak RSS; and click-to-segment on 1024²
+neighbourhoods — random clicks on the DeepGlobe test tiles and clicks on MoNuSeg test nuclei, the seed grown from
+the click (and, on DeepGlobe, seeded from the ground truth as a prediction) — with seconds per click and the IoU
+of what each click painted with the ground-truth region under it, beside a magic wand (one flood fill at a fixed
+colour tolerance) on the same clicks. Figures go to stdout and ``--json``.
 
     .venv/bin/python benchmarks/cascadepsp.py --threads 2 [--deepglobe 10452,2774,6399] [--max-per-dataset 2] [--figures docs/methods]
 """
@@ -125,28 +127,86 @@ def run_mode(mode, refiner, image, seg):
     return out, time.perf_counter() - t0, crops
 
 
-def click_timing(refiner, n: int = 4, *, seeded: bool = False) -> tuple[list[float], list[float]]:
-    """Seconds per click on 1024² neighbourhoods of a DeepGlobe test tile, and the share of the neighbourhood
-    each click painted. ``seeded``: the tile's ground truth is the prediction (a perfect segmenter's classes,
-    which run across the neighbourhood: the click must still paint one object); else the seed is grown from
-    the click."""
-    rgb, lab = datasets.load_deepglobe_tile(datasets.deepglobe_split()["test"][0])
-    rng = np.random.default_rng(0)
-    labels = np.zeros(lab.shape, np.uint8)
-    times, shares = [], []
-    for _ in range(n):
-        y, x = rng.integers(600, 1800, 2)
-        t0 = time.perf_counter()
-        try:
-            edit = click_segment(rgb, labels, (float(y), float(x)), label_id=1, refiner=refiner,
-                                 prediction=lab if seeded else None)
-            shares.append(edit.changed / edit.before.size)
-        except Exception as exc:  # a click on nothing still costs its time; say so
-            print(f"  click at {(int(y), int(x))}: {exc}")
-        times.append(time.perf_counter() - t0)
-    return times, shares
+WAND_TOLERANCE = 10.0  # CIELAB distance of the magic-wand baseline (QuPath's wand and ilastik-free tools work alike)
 
 
+def magic_wand(window: np.ndarray, point: tuple[int, int], tol: float = WAND_TOLERANCE) -> np.ndarray:
+    """The classical baseline: one flood fill at a fixed colour tolerance from the clicked pixel at full
+    resolution (lightly smoothed Lab), holes filled; no refinement."""
+    from scipy import ndimage
+
+    lab = cv2.cvtColor(cv2.GaussianBlur(window, (0, 0), 1.0), cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab[..., 0] *= 100 / 255
+    close = np.linalg.norm(lab - lab[point], axis=-1) <= tol
+    comp, _ = ndimage.label(close)
+    return ndimage.binary_fill_holes(comp == comp[point])
+
+
+def click_points(seed: int = 1, per_tile: int = 8, nuclei: int = 16) -> list[tuple]:
+    """Held-out clicks: ``per_tile`` random labelled pixels of each DeepGlobe test tile (the region under the
+    click is the connected component of its class) and ``nuclei`` MoNuSeg test nuclei clicked at their
+    innermost pixel (the region is the nucleus). Returns (dataset, rgb, gt regions map, instance?, points)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for tid in datasets.deepglobe_split()["test"]:
+        rgb, lab = datasets.load_deepglobe_tile(tid)
+        pts = [tuple(int(v) for v in rng.integers(300, min(lab.shape) - 300, 2)) for _ in range(per_tile)]
+        out.append(("deepglobe", rgb, lab, False, [p for p in pts if lab[p] != 0]))
+    root = datasets.shared_data_dir()
+    if root is not None and (root / "monuseg" / f"{MONUSEG_TEST}.tif").exists():
+        rgb, inst = datasets.load_monuseg_tile(root / "monuseg" / f"{MONUSEG_TEST}.tif", instance=True)
+        ids = [i for i in np.unique(inst) if i]
+        rng.shuffle(ids)
+        pts = []
+        for i in ids[:nuclei]:
+            d = ndimage.distance_transform_edt(inst == i)
+            pts.append(tuple(int(v) for v in np.unravel_index(np.argmax(d), d.shape)))
+        out.append(("monuseg", rgb, inst, True, pts))
+    return out
+
+
+def click_quality(refiner, sets, *, seeded: bool = False) -> dict:
+    """Per dataset: seconds per click (ours), and the IoU of what the click painted with the ground-truth region
+    under it, for ours and for the magic wand in the same neighbourhood. ``seeded``: the tile's ground truth is
+    the prediction (a perfect segmenter's classes, which run across the neighbourhood: the click must still
+    paint one object); else the seed is grown from the click."""
+    from scipy import ndimage
+
+    results = {}
+    for name, rgb, gt, instance, points in sets:
+        if seeded and instance:
+            continue
+        labels = np.zeros(gt.shape, np.uint8)
+        times, shares, ious, wand = [], [], [], []
+        for y, x in points:
+            t0 = time.perf_counter()
+            try:
+                edit = click_segment(rgb, labels, (float(y), float(x)), label_id=1, refiner=refiner,
+                                     prediction=gt if seeded else None)
+            except Exception as exc:  # a click on nothing still costs its time, and scores 0; say so
+                print(f"  {name} click at {(y, x)}: {exc}")
+                times.append(time.perf_counter() - t0)
+                ious.append(0.0)
+                continue
+            times.append(time.perf_counter() - t0)
+            y0, x0, y1, x1 = edit.box
+            g = gt[y0:y1, x0:x1]
+            if instance:
+                region = g == gt[y, x]
+            else:
+                components, _ = ndimage.label(g == gt[y, x])
+                region = components == components[y - y0, x - x0]
+            iou = lambda m: float((m & region).sum() / max(1, (m | region).sum()))  # noqa: E731
+            painted = edit.after == 1
+            shares.append(float(painted.mean()))
+            ious.append(iou(painted))
+            wand.append(iou(magic_wand(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (y - y0, x - x0))))
+        r = results.setdefault(name, {"seconds": [], "painted_share": [], "iou": [], "wand_iou": []})
+        for k, v in (("seconds", times), ("painted_share", shares), ("iou", ious), ("wand_iou", wand)):
+            r[k] += v
+    return results
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--deepglobe", default=",".join(datasets.deepglobe_split()["test"]))
@@ -156,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None, help="default: the shipped fast starter")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clicks", type=int, default=4)
+    ap.add_argument("--clicks", type=int, default=8, help="random clicks per DeepGlobe test tile (0: none)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--figures", default=None, help="folder for before/after PNGs (first mask of each dataset)")
     args = ap.parse_args(argv)
@@ -221,12 +281,17 @@ def main(argv=None) -> int:
             summary["local_seconds_per_crop"] = extra / n_crops
             print(f"  local step: {extra / n_crops:.2f} s per {GLOBAL_L}² crop ({n_crops} crops refined)")
     if args.clicks:
+        sets = click_points(per_tile=args.clicks)
         for seeded, key in ((False, "click"), (True, "click_seeded")):
-            times, shares = click_timing(refiner, args.clicks, seeded=seeded)
-            summary[f"{key}_seconds"], summary[f"{key}_painted_share"] = times, shares
             how = "seeded from the ground truth as prediction" if seeded else "seed grown from the click"
-            print(f"  click-to-segment on 1024² neighbourhoods ({how}): median {np.median(times):.2f} s, "
-                  f"max {max(times):.2f} s; painted {', '.join(f'{100 * v:.1f}' for v in shares)} % of the neighbourhood")
+            for name, r in click_quality(refiner, sets, seeded=seeded).items():
+                summary[f"{key}_{name}"] = r
+                t = r["seconds"]
+                print(f"  click-to-segment, {name}, {how}: {len(t)} clicks on 1024² neighbourhoods, median "
+                      f"{np.median(t):.2f} s, max {max(t):.2f} s; IoU with the GT region under the click: mean "
+                      f"{np.mean(r['iou']):.3f} (median {np.median(r['iou']):.3f}); magic wand (tolerance "
+                      f"{WAND_TOLERANCE:g}) mean {np.mean(r['wand_iou']):.3f} (median {np.median(r['wand_iou']):.3f});"
+                      f" painted {100 * np.median(r['painted_share']):.1f} % of the neighbourhood (median)")
     print(f"threads {args.threads}; load average (1, 5, 15 min) at start {load_at_start}, at end "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if args.json:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_uhrseg.engine.click import click_segment, grow_region, predicted_region
+from napari_uhrseg.engine.click import click_segment, grow_region, most_stable, predicted_region, small_object
 from napari_uhrseg.errors import UhrsegError
 from napari_uhrseg.methods.cascadepsp import CascadePSP
 
@@ -34,6 +34,40 @@ def test_grown_seed_finds_the_object():
     image, disk = _disk_scene()
     seed = grow_region(image, (180, 220))
     assert _iou(seed, disk) > 0.85
+
+
+def test_a_nucleus_sized_object_is_found_at_full_resolution():
+    # a 9-px-radius dark blob among others on a noisy stained background, in a 1024² neighbourhood: on the
+    # 256² view the fill used to run into its neighbours (MoNuSeg clicks: IoU 0.05)
+    rng = np.random.default_rng(1)
+    image = np.clip(rng.normal((215, 160, 200), 10, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:1024, :1024]
+    target = None
+    for i, (cy, cx) in enumerate([(500, 500), (500, 530), (470, 515), (540, 480), (300, 700)]):
+        blob = (yy - cy) ** 2 + (xx - cx) ** 2 <= 81
+        image[blob] = np.clip(rng.normal((90, 60, 140), 8, (blob.sum(), 3)), 0, 255).astype(np.uint8)
+        target = blob if i == 0 else target
+    seed = grow_region(image, (500, 500))
+    assert _iou(seed, target) > 0.7
+    assert small_object(image, (500, 500)) is not None
+    # a click on the plain background finds no small object there (it is not closed within the crop)
+    assert small_object(image, (100, 100)) is None
+
+
+def test_most_stable_region_is_the_plateau_of_the_growth():
+    def nested(*areas):
+        out = []
+        for a in areas:
+            m = np.zeros(10_000, bool)
+            m[:a] = True
+            out.append(m.reshape(100, 100))
+        return out
+
+    regions = nested(5, 40, 300, 320, 330, 2000, 9000)
+    best = most_stable(regions, max_fraction=0.7, min_fraction=0.002)
+    assert best.sum() == 320  # 320 → 330 grows least; 9000 (90 %) is never a candidate
+    assert most_stable(nested(3, 5, 9000), 0.7, 0.002).sum() == 5  # only specks: the last one below the cap
+    assert most_stable(nested(8000, 9000), 0.7, 0.002) is None  # even the first leaks
 
 
 def test_predicted_region_is_the_component_under_the_click():
