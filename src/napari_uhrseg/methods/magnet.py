@@ -227,10 +227,10 @@ def certainty(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 def certainty_map(probabilities: torch.Tensor, rows: int = 64) -> torch.Tensor:
     """``certainty`` of ``(C, H, W)`` probabilities → ``(H, W)``, a band of ``rows`` rows at a time (the running
-    maxima stay in the cache: ~1.6× faster on a 7-class 2448² canvas). On the CPU the bands go through NumPy:
-    hundreds of small parallel torch ops are what suffers most when other jobs share the cores. A large map is
-    split into one block of bands per torch thread, each worked through by its own Python thread (NumPy
-    releases the GIL): two blocks, not hundreds of ops, to schedule."""
+    maxima stay in the cache: ~1.6× faster on a 7-class 2448² canvas). On the CPU the bands go through NumPy, in
+    the calling thread: hundreds of small parallel ops are what suffers most when other jobs share the cores.
+    (Splitting the bands over two Python threads measured slower, 23 → 29 ms on a 2448² canvas: torch's
+    OpenMP workers still spin on the cores after the network's last op.)"""
     if probabilities.device.type != "cpu":
         out = torch.empty(probabilities.shape[-2:], device=probabilities.device)
         for r in range(0, probabilities.shape[-2], rows):
@@ -240,29 +240,9 @@ def certainty_map(probabilities: torch.Tensor, rows: int = 64) -> torch.Tensor:
     out = np.empty(p.shape[1:], np.float32)
     if p.shape[0] < 2:
         out.fill(1)
-        return torch.from_numpy(out)
-    h = p.shape[1]
-    workers = max(1, min(torch.get_num_threads(), MAX_MAP_THREADS, h // MIN_ROWS_PER_THREAD))
-    if workers == 1:
-        _certainty_rows(p, out, 0, h, rows)
     else:
-        edges = [round(i * h / workers) for i in range(workers + 1)]
-        list(_map_pool().map(lambda i: _certainty_rows(p, out, edges[i], edges[i + 1], rows), range(workers)))
+        _certainty_rows(p, out, 0, p.shape[1], rows)
     return torch.from_numpy(out)
-
-
-MAX_MAP_THREADS = 8
-MIN_ROWS_PER_THREAD = 256  # below this a thread's start-up costs more than its share of the work
-_POOL = None
-
-
-def _map_pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=MAX_MAP_THREADS, thread_name_prefix="uhrseg-certainty")
-    return _POOL
 
 
 def _certainty_rows(p: np.ndarray, out: np.ndarray, r0: int, r1: int, rows: int) -> None:
