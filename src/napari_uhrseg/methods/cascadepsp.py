@@ -789,7 +789,7 @@ def train(model: RefinementModule, data: RefinementData, *, minutes: float, batc
         step += 1
         if step % 5 == 0:
             log(f"step {step} {time.time() - start:.0f}s loss {np.mean(losses[-5:]):.4f} "
-                f"(bce {float(loss['bce']):.3f} l1l2 {float(loss['l1l2']):.3f} grad {float(loss['grad']):.3f})")
+                f"(bce {loss['bce'].item():.3f} l1l2 {loss['l1l2'].item():.3f} grad {loss['grad'].item():.3f})")
             if on_checkpoint is not None and step % 25 == 0:
                 on_checkpoint(step)
     model.eval()

@@ -241,17 +241,17 @@ def certainty_map(probabilities: torch.Tensor, rows: int = 64) -> torch.Tensor:
     if p.shape[0] < 2:
         out.fill(1)
     else:
-        _certainty_rows(p, out, 0, p.shape[1], rows)
+        _certainty_rows(p, out, rows)
     return torch.from_numpy(out)
 
 
-def _certainty_rows(p: np.ndarray, out: np.ndarray, r0: int, r1: int, rows: int) -> None:
-    """Top-1 minus top-2 of ``p[:, r0:r1]`` into ``out[r0:r1]``, ``rows`` rows at a time."""
-    c, width = p.shape[0], p.shape[2]
+def _certainty_rows(p: np.ndarray, out: np.ndarray, rows: int) -> None:
+    """Top-1 minus top-2 of ``(C, H, W)`` ``p`` into ``out`` ``(H, W)``, ``rows`` rows at a time."""
+    c, h, width = p.shape
     first, second = np.empty((rows, width), np.float32), np.empty((rows, width), np.float32)
     scratch = np.empty_like(first)
-    for r in range(r0, r1, rows):
-        n = min(rows, r1 - r)
+    for r in range(0, h, rows):
+        n = min(rows, h - r)
         f, s, t = first[:n], second[:n], scratch[:n]
         np.maximum(p[0, r : r + n], p[1, r : r + n], out=f)
         np.minimum(p[0, r : r + n], p[1, r : r + n], out=s)
@@ -765,7 +765,8 @@ def _to_numpy_map(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """A 2-D map (any dtype) as float32 at ``size`` (area-averaged when shrinking)."""
     import cv2
 
-    a = x.detach().cpu().numpy().astype(np.float32, copy=False)  # NumPy converts a boolean map ~3× faster
+    x = x.detach().cpu()
+    a = x.numpy().astype(np.float32) if x.dtype == torch.bool else x.float().numpy()  # NumPy: bool→float 3× faster
     if a.shape == tuple(size):
         return a.astype(np.float32, copy=False)
     shrink = size[0] < a.shape[0] or size[1] < a.shape[1]
