@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from napari_uhrseg import datasets
-from napari_uhrseg.engine.click import click_segment
+from napari_uhrseg.engine.click import NEIGHBOURHOOD, click_segment
 from napari_uhrseg.engine.perturb import mask_iou, object_scale, perturb_at_scale
 from napari_uhrseg.methods.cascadepsp import GLOBAL_L, CascadePSP
 from napari_uhrseg.metrics import RssSampler, boundary_accuracy
@@ -181,6 +181,18 @@ def click_quality(refiner, sets, *, seeded: bool = False) -> dict:
         labels = np.zeros(gt.shape, np.uint8)
         times, shares, ious, wand = [], [], [], []
         for y, x in points:
+            # the click's neighbourhood (level 0 is the working level here): the wand and the GT region use it
+            half = NEIGHBOURHOOD // 2
+            y0, x0 = max(0, y - half), max(0, x - half)
+            y1, x1 = min(gt.shape[0], y + half), min(gt.shape[1], x + half)
+            g = gt[y0:y1, x0:x1]
+            if instance:
+                region = g == gt[y, x]
+            else:
+                components, _ = ndimage.label(g == gt[y, x])
+                region = components == components[y - y0, x - x0]
+            iou = lambda m: float((m & region).sum() / max(1, (m | region).sum()))  # noqa: E731
+            wand.append(iou(magic_wand(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (y - y0, x - x0))))
             t0 = time.perf_counter()
             try:
                 edit = click_segment(rgb, labels, (float(y), float(x)), label_id=1, refiner=refiner,
@@ -191,18 +203,10 @@ def click_quality(refiner, sets, *, seeded: bool = False) -> dict:
                 ious.append(0.0)
                 continue
             times.append(time.perf_counter() - t0)
-            y0, x0, y1, x1 = edit.box
-            g = gt[y0:y1, x0:x1]
-            if instance:
-                region = g == gt[y, x]
-            else:
-                components, _ = ndimage.label(g == gt[y, x])
-                region = components == components[y - y0, x - x0]
-            iou = lambda m: float((m & region).sum() / max(1, (m | region).sum()))  # noqa: E731
+            assert tuple(edit.box) == (y0, x0, y1, x1), (edit.box, (y0, x0, y1, x1))
             painted = edit.after == 1
             shares.append(float(painted.mean()))
             ious.append(iou(painted))
-            wand.append(iou(magic_wand(np.ascontiguousarray(rgb[y0:y1, x0:x1]), (y - y0, x - x0))))
         r = results.setdefault(name, {"seconds": [], "painted_share": [], "iou": [], "wand_iou": []})
         for k, v in (("seconds", times), ("painted_share", shares), ("iou", ious), ("wand_iou", wand)):
             r[k] += v
