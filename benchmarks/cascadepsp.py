@@ -127,7 +127,7 @@ def run_mode(mode, refiner, image, seg):
     return out, time.perf_counter() - t0, crops
 
 
-WAND_TOLERANCE = 10.0  # CIELAB distance of the magic-wand baseline (QuPath's wand and ilastik-free tools work alike)
+WAND_TOLERANCE = 10.0  # CIELAB distance of the magic-wand baseline (an image editor's one-click fill)
 
 
 def magic_wand(window: np.ndarray, point: tuple[int, int], tol: float = WAND_TOLERANCE) -> np.ndarray:
@@ -211,6 +211,8 @@ def click_quality(refiner, sets, *, seeded: bool = False) -> dict:
         for k, v in (("seconds", times), ("painted_share", shares), ("iou", ious), ("wand_iou", wand)):
             r[k] += v
     return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--deepglobe", default=",".join(datasets.deepglobe_split()["test"]))
