@@ -4,6 +4,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _user_folders_kept_out_of_reach(tmp_path_factory):
+    """No test writes autosaves or checkpoints into the real user data folder: a user who runs the suite would
+    otherwise be offered a test's labels by "Restore autosave" (seen in `make demo` after `make test`). Both go
+    to a folder of the session; tests that need their own set it on top (``private_folders``)."""
+    import os
+
+    base = tmp_path_factory.mktemp("user-data")
+    keys = {"UHRSEG_CHECKPOINT_DIR": base / "checkpoints", "UHRSEG_AUTOSAVE_DIR": base / "autosave"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: str(v) for k, v in keys.items()})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 # ----------------------------------------------------------------------------------------------- io (pyramids)
 
 
