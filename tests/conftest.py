@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(autouse=True, scope="session")
 def _user_folders_kept_out_of_reach(tmp_path_factory):
     """No test writes autosaves or checkpoints into the real user data folder: a user who runs the suite would
-    otherwise be offered a test's labels by "Restore autosave" (seen in `make demo` after `make test`). Both go
+    otherwise be offered a test's labels by "Restore autosave" (seen in `make demo` after the slow tests). Both go
     to a folder of the session; tests that need their own set it on top (``private_folders``)."""
     import os
 
