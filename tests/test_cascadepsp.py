@@ -86,6 +86,43 @@ def test_refine_skips_local_step_in_fast_mode_and_below_L(net):
     assert steps["crops_refined"] == 0 and "local" not in steps
 
 
+class SizeRecorder(MaskEcho):
+    """MaskEcho that records the (H, W) of every pass and whether it was a local one (``inter_s8`` given)."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = []
+
+    def forward(self, image, seg, inter_s8=None, inter_s4=None):
+        self.passes.append((tuple(image.shape[-2:]), inter_s8 is not None))
+        return super().forward(image, seg, inter_s8, inter_s4)
+
+
+def _half_mask(h, w):
+    mask = np.zeros((h, w), bool)
+    mask[:, : w // 2] = True
+    return np.zeros((h, w, 3), np.uint8), mask
+
+
+def test_full_mode_up_to_2L_is_one_pass_at_the_images_own_resolution():
+    rec = SizeRecorder()
+    _, steps = C.refine_mask(rec, *_half_mask(1200, 1000), L=900, return_steps=True)
+    assert steps["native"] and steps["crops_refined"] == 0 and "local" not in steps
+    assert len(rec.passes) == 1 and not rec.passes[0][1]
+    assert rec.passes[0][0][0] >= 1200 and rec.passes[0][0][1] >= 1000  # not shrunk to L (padded to 8 at most)
+    rec = SizeRecorder()  # fast mode still shrinks the long side to L
+    C.refine_mask(rec, *_half_mask(1200, 1000), L=900, fast=True)
+    assert len(rec.passes) == 1 and max(rec.passes[0][0]) <= 904
+
+
+def test_full_mode_above_2L_runs_the_papers_global_and_local_steps():
+    rec = SizeRecorder()
+    _, steps = C.refine_mask(rec, *_half_mask(1900, 1000), L=900, return_steps=True)
+    assert not steps["native"] and steps["crops_refined"] > 0
+    assert max(rec.passes[0][0]) <= 904 and not rec.passes[0][1]  # the global step at L
+    assert all(local for _, local in rec.passes[1:]) and len(rec.passes) == 1 + steps["crops_refined"]
+
+
 def _two_class_labels():
     labels = np.zeros((200, 200), np.uint8)
     labels[20:120, 20:120] = 1
