@@ -101,6 +101,26 @@ def test_shift_click_removes_only_that_label():
     assert not (out == 3).any() and (out == 5).sum() == 400
 
 
+class EraseDouble(torch.nn.Module):
+    """Test double of a refiner that finds no object at all (every output says background)."""
+
+    def forward(self, image, seg, inter_s8=None, inter_s4=None):
+        out = torch.full_like(seg, -10.0)
+        return {k: out for k in ("s8_1", "s8_2", "s4_2", "s8_3", "s4_3", "full")}
+
+
+def test_a_seed_the_refiner_erases_is_painted_as_grown_and_the_dock_is_told():
+    image, disk = _disk_scene()
+    labels = np.zeros(disk.shape, np.uint8)
+    edit = click_segment(image, labels, (180, 220), label_id=4, refiner=CascadePSP(EraseDouble()))
+    out = labels.copy()
+    edit.apply(out)
+    assert _iou(out == 4, disk) > 0.8  # the grown seed itself
+    assert "as it is" in edit.note
+    snapped = click_segment(image, labels, (180, 220), label_id=4, refiner=CascadePSP(EchoDouble()))
+    assert snapped.note == ""
+
+
 def test_prediction_seeds_the_click():
     image, disk = _disk_scene()
     prediction = np.zeros(disk.shape, np.uint8)

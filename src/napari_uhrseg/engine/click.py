@@ -248,6 +248,12 @@ def click_segment(
     if seed is None:
         seed = grow_region(window, point)
     snapped = _snap(refiner or default_refiner(device), window, seed, point, L)
+    note = ""
+    if not snapped.any() and seed.any():
+        # The refiner erased the whole seed (it happens to a tiny one, a nucleus at a coarse level): the region
+        # found under the click is still what was clicked, so it is painted as it is rather than nothing.
+        snapped = seed
+        note = "The refiner found no boundary here; the region grown under the click was used as it is."
     if not snapped.any():
         raise UhrsegError("No object could be found under the click: click inside the object, or zoom in.")
     if snapped.shape != before.shape:
@@ -259,4 +265,5 @@ def click_segment(
         after[snapped & (before == cls)] = 0
     else:
         after[snapped] = label_id
-    return RefineEdit(lab_box, before, after, int(np.count_nonzero(after != before)), time.perf_counter() - t0)
+    return RefineEdit(lab_box, before, after, int(np.count_nonzero(after != before)), time.perf_counter() - t0,
+                      note=note)

@@ -35,6 +35,7 @@ class RefineEdit:
     after: np.ndarray
     changed: int
     seconds: float = 0.0
+    note: str = ""  # anything the user should know about how the edit was made (shown by the dock)
 
     def apply(self, labels) -> None:
         """Write ``after`` into ``labels`` (numpy or zarr) at ``box``."""

@@ -249,7 +249,8 @@ class RefineWidget(QWidget):
         if rows.size:
             with labels_layer.block_history():
                 labels_layer.data_setitem((rows + y0, cols + x0), edit.after[rows, cols])
-        self._say(f"Changed {edit.changed} px in {edit.seconds:.2f} s (Ctrl+Z undoes).")
+        note = f" {edit.note}" if edit.note else ""
+        self._say(f"Changed {edit.changed} px in {edit.seconds:.2f} s (Ctrl+Z undoes).{note}")
 
     def refine(self):
         from napari_uhrseg.engine.refine import refine_region
