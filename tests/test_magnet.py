@@ -12,6 +12,7 @@ from torch import nn
 
 from napari_uhrseg.methods import magnet as mg
 from napari_uhrseg.methods import magnet_train as mt
+from napari_uhrseg.methods.base import load_checkpoint
 
 torch.set_num_threads(1)
 
@@ -369,7 +370,6 @@ def test_segment_run_writes_the_uncertainty_map_next_to_the_labels(tmp_path):
     assert mg.UncertaintyRecorder((10, 10), 1.0).save_next_to(tmp_path / "none.png") is None
 
 
-@pytest.mark.slow
 def test_train_main_writes_a_checkpoint_both_variants_load(tmp_path):
     import cv2
 
@@ -386,8 +386,12 @@ def test_train_main_writes_a_checkpoint_both_variants_load(tmp_path):
         cv2.imwrite(str(masks / f"t{i}.png"), labels)
     out = tmp_path / "m.pt"
     argv = ["--images", str(images), "--masks", str(masks), "--classes", "dark,bright", "--backbone-steps", "2",
-            "--refiner-steps", "2", "--batch-size", "2", "--refiner-crop", "32", "--threads", "1", "-o", str(out)]
+            "--refiner-steps", "2", "--batch-size", "2", "--refiner-crop", "32", "--threads", "1", "--half", "-o", str(out)]
     assert mg.train_main(argv, method="magnet-fast") == 0
+    state, meta = load_checkpoint(out, method="magnet")
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float16 for v in floats)  # --half: the starter's size
+    assert meta["training"]["half"] and meta["training"]["command"].endswith(" ".join(argv))
     for name in ("magnet", "magnet-fast"):
         method = get_method(name).from_checkpoint(out)
         assert method.class_names == ["unlabelled", "dark", "bright"] and method.window_size == 128

@@ -1,5 +1,6 @@
 """Metrics against small cases worked out by hand (the arithmetic is in the comments)."""
 import math
+import sys
 import time
 
 import numpy as np
@@ -197,11 +198,38 @@ def test_timer_and_memory_probes():
     # policy keeps freed memory for reuse) is already resident and would not move RSS at all.
     import mmap
 
+    def spike(mib: int, sleep: float) -> RssSampler:
+        before = current_rss_mb()
+        with RssSampler(interval=0.005) as probe:
+            block = mmap.mmap(-1, mib * 2**20)
+            block.write(b"\x01" * len(block))  # touched: resident
+            time.sleep(sleep)
+            block.close()
+        assert probe.peak_mb >= before + 0.75 * mib
+        assert probe.peak_mb >= current_rss_mb() + 0.75 * mib  # and given back: the peak, not the end
+        return probe
+
+    spike(40, 0.05)
+    if sys.platform.startswith("linux"):
+        probe = spike(40, 0.0)  # the kernel's high-water mark: no sampling interval to miss the spike in
+        assert probe.kernel and probe._thread is None
+        # ... and reset on entry: a later, smaller block does not report the earlier peak
+        with RssSampler() as small:
+            pass
+        assert small.peak_mb < probe.peak_mb - 30
+
+
+def test_rss_sampler_falls_back_to_a_sampling_thread(monkeypatch):
+    import mmap
+
+    import napari_uhrseg.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_reset_peak_rss", lambda: False)
     before = current_rss_mb()
     with RssSampler(interval=0.005) as probe:
         block = mmap.mmap(-1, 40 * 2**20)
-        block.write(b"\x01" * len(block))  # touched: 40 MiB resident
+        block.write(b"\x01" * len(block))
         time.sleep(0.05)
         block.close()
+    assert not probe.kernel and probe._thread is not None and not probe._thread.is_alive()
     assert probe.peak_mb >= before + 30
-    assert probe.peak_mb >= current_rss_mb() + 30  # and given back: the sampler saw the peak, not the end

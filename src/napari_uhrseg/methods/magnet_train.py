@@ -240,6 +240,7 @@ def _parser(method: str):
                         "(0 = run all --refiner-steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--half", action="store_true", help="store float weights in float16 (half the size; a starter)")
     return p
 
 
@@ -314,7 +315,12 @@ def train_main(argv: list[str] | None = None, method: str = "magnet") -> int:
             "input_ratio": schedule.input_ratio, "ignore_index": ignore_index,
             "window": int(args.window or max(samples[0][1].shape[:2])),
             "training": {"argv": list(argv or []), "backbone_steps": args.backbone_steps,
-                         "refiner_steps": refiner_steps, "backbone_from": args.backbone_from}}
-    path = save_checkpoint(args.out, {k: v.detach().cpu() for k, v in net.state_dict().items()}, meta)
+                         "refiner_steps": refiner_steps, "backbone_from": args.backbone_from,
+                         "command": "uhrseg train --method magnet " + " ".join(argv or []),
+                         "half": bool(args.half)}}
+    # Loading copies into the float32 network, so fp16 weights come back as float32 (rounded to fp16 precision).
+    state = {k: (v.half() if args.half and v.is_floating_point() else v).detach().cpu().clone()
+             for k, v in net.state_dict().items()}
+    path = save_checkpoint(args.out, state, meta)
     print(f"wrote {path}", flush=True)
     return 0
