@@ -8,7 +8,7 @@ shipped starter checkpoints (``src/napari_uhrseg/starters/``):
 
 - ``segment.jpg``: the Segment dock after GRNet/PPN segmented the whole scene, labels and PPN patches shown;
 - ``magnet-uncertainty.jpg``: the MagNet uncertainty heat map and its dock — only with a MagNet checkpoint
-  (``--magnet-checkpoint``, or a MagNet starter once one ships); otherwise skipped with a message, not faked;
+  (``--magnet-checkpoint``, else the shipped MagNet starter); skipped with a message, not faked, when there is none;
 - ``refine-before.jpg`` / ``refine-after.jpg``: the Refine dock, a brush stroke over a ragged border, and the
   labels after *Refine* (the real CascadePSP starter);
 - ``train.jpg``: the Train dock with its loss / validation curve after a short round on strokes painted from the
