@@ -84,6 +84,36 @@ def test_missing_checkpoint_without_starter_is_a_clear_error(scene, tmp_path, ca
     assert "no starter checkpoint" in err and "--checkpoint" in err
 
 
+def test_outputs_that_cannot_be_written_fail_before_the_first_window(scene, tmp_path, capsys, monkeypatch):
+    """A missing folder, an unknown suffix or a read-only folder is reported before any window is computed."""
+    import napari_uhrseg.engine.segment as engine
+
+    path, ckpt, _, _ = scene
+    ran = []
+    real = engine.iter_segment
+    monkeypatch.setattr(engine, "iter_segment", lambda *a, **k: ran.append(1) or real(*a, **k))
+    common = ["--method", "test-channels", "--checkpoint", str(ckpt)]
+    assert main(["segment", str(path), "-o", str(tmp_path / "nowhere" / "a.ome.tif"), *common]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.xyz"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot tell the output format from 'a.xyz'" in err and ".ome.tif" in err
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--overlays",
+                 str(tmp_path / "gone" / "p.geojson"), *common]) == 2
+    assert "gone does not exist" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        try:
+            assert main(["segment", str(path), "-o", str(locked / "a.ome.tif"), *common]) == 2
+            assert "No permission to write" in capsys.readouterr().err
+        finally:
+            locked.chmod(0o700)
+    assert ran == [] and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["scene.tif", "channels.pt"] + (["locked"] if os.geteuid() != 0 else []))
+
+
 def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     path, ckpt, _, _ = scene
     assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "nope"]) == 2

@@ -118,3 +118,8 @@ def test_cli_refine(tmp_path, scene, capsys):
     rc = main(["refine", paths["image"], "--mask", paths["labels"], "-o", paths["out"], "--region", paths["brush"],
                "--checkpoint", str(ckpt)])
     assert rc == 2 and "Nothing is brushed" in capsys.readouterr().err
+    for out, said in ((tmp_path / "nowhere" / "o.ome.tif", "nowhere does not exist"),
+                      (tmp_path / "o.xyz", "Cannot tell the export format")):  # said before any refinement
+        rc = main(["refine", paths["image"], "--mask", str(tmp_path / "missing.png"), "-o", str(out),
+                   "--checkpoint", str(ckpt)])
+        assert rc == 2 and said in capsys.readouterr().err and not out.exists()

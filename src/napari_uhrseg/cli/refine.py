@@ -36,7 +36,12 @@ def run(args) -> int:
     from napari_uhrseg.io.pyramid import open_pyramid
     from napari_uhrseg.methods.cascadepsp import CascadePSP
 
+    from napari_uhrseg.io.atomic import check_output_folder
+    from napari_uhrseg.io.export import guess_format
+
     try:
+        guess_format(args.output)  # an unknown suffix or a missing folder: said before the work, not after
+        check_output_folder(args.output)
         pyramid = open_pyramid(args.image)
         labels = np.array(open_label_store(args.mask, writable=False).array)
         region = (0, 0, *labels.shape[:2])

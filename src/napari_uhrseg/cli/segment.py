@@ -64,13 +64,14 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UhrsegError(f"{out} exists: choose another output or pass --overwrite.")
+    overlays_path = Path(args.overlays) if args.overlays else default_overlays_path(out)
+    _check_outputs(out, overlays_path)  # a bad suffix or folder fails now, not after the whole image
     region = parse_region(args.region)
     choice = select_device(args.device)
     method = build_method(args.method, args.checkpoint, choice.device, args.mode)
     if args.patch_batch is not None:
         set_patch_batch(method, args.patch_batch)
     pyramid = open_pyramid(args.image)
-    overlays_path = Path(args.overlays) if args.overlays else default_overlays_path(out)
     _say(args, f"uhrseg segment: {pyramid.name} {pyramid.shape[0]} x {pyramid.shape[1]} px, level {args.level}, "
                f"method {method.name}, {choice.describe()}")
 
@@ -101,6 +102,22 @@ def run(args) -> int:
         summary["uncertainty"] = str(uncertainty_path)
     print(json.dumps(summary, indent=2))
     return 130 if summary["cancelled"] else 0
+
+
+def _check_outputs(out: Path, overlays_path: Path) -> None:
+    """What can be known about the outputs before the run: the export format (from OUT's suffix) and that the
+    folders of OUT and of the overlays exist and can be written."""
+    from napari_uhrseg.io.atomic import check_output_folder
+    from napari_uhrseg.io.export import guess_format
+
+    if not _is_label_store_path(out):
+        try:
+            guess_format(out)
+        except UhrsegError:
+            raise UhrsegError(f"Cannot tell the output format from {out.name!r}: end OUT with .zarr (a label "
+                              "store), .ome.tif, .ome.zarr, .png or .geojson.") from None
+    check_output_folder(out)
+    check_output_folder(overlays_path)
 
 
 def parse_region(text: str | None):

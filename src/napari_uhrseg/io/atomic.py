@@ -56,6 +56,16 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_output_folder(path: str | os.PathLike) -> None:
+    """Raise :class:`ExportError` now if ``path`` could not be written because its folder is missing or not
+    writable: long jobs call it before they start, so that the answer comes before the hours of work."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise ExportError(f"Folder {folder} does not exist: create it or choose another one.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ExportError(f"No permission to write in {folder}: choose a folder you can write to.")
+
+
 def describe_os_error(exc: OSError, path: Path) -> str:
     """A user-facing sentence for an OS error met while writing ``path``."""
     if exc.errno == errno.ENOSPC:
