@@ -15,7 +15,8 @@ from _segment_helpers import write_channel_checkpoint
 pytestmark = pytest.mark.gui
 
 # The headless demo opens the 3072² sample scene with every dock, exports GeoJSON and takes a screenshot:
-# 20-40 s on 2 cores, over the default-run budget, so it runs with `make test-all` (-m "not benchmark").
+# 20-40 s on 2 cores, over the default-run budget, so it runs with `make test-all` (-m "not benchmark"). The
+# MagNet starter's run on a 1024² region takes ~11 s and stays in the default run.
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -75,3 +76,27 @@ def test_make_demo_headless_subprocess(tmp_path):
     assert summary["method"] == "grnet" and summary["metrics"]["miou"] > 0
     for name in ("labels.ome.tif", "labels.geojson", "ppn_patches.geojson", "screenshot.png"):
         assert (out / name).is_file()
+
+
+def test_headless_demo_with_the_magnet_starter_writes_its_uncertainty_map(make_napari_viewer, tmp_path):
+    """`--method magnet` with the shipped starter: the heat map the dock showed is written next to the labels."""
+    from napari_uhrseg import demo
+    from napari_uhrseg.methods.magnet import read_uncertainty, starter_checkpoint
+
+    if not starter_checkpoint().is_file():
+        pytest.skip("no MagNet starter installed")
+    out = tmp_path / "demo_out"
+    viewer = make_napari_viewer()
+    code = demo.main(["--headless", "--out", str(out), "--method", "magnet", "--region", "2048,2048,3072,3072"],
+                     viewer=viewer)
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["metrics"]["miou"] > 0.7  # held out: the starter trained on the top-left 2048²
+    path = Path(summary["files"]["uncertainty"])
+    assert path == out / "labels_uncertainty.tif"
+    umap, meta = read_uncertainty(path)
+    shown = viewer.layers["synthetic scene MagNet uncertainty"].data
+    np.testing.assert_array_equal(umap, shown)
+    assert meta["shape0"] == [3072, 3072] and umap.shape == (3072 // meta["downsample"],) * 2
+    inside = umap[int(2048 / meta["downsample"]):, int(2048 / meta["downsample"]):]
+    assert inside.max() > 0.5 and umap[: int(2048 / meta["downsample"])].max() == 0  # only the region has values

@@ -166,6 +166,9 @@ def write_outputs(out: Path, viewer, image_layer, truth_layer, seg, result, path
         "ppn_patches": write_overlays(result.overlays, out / "ppn_patches.geojson"),
     }
     export_s = time.perf_counter() - t0
+    uncertainty_file = _save_uncertainty(out / "labels.ome.tif", image_layer, pyr)
+    if uncertainty_file is not None:  # MagNet: the heat map next to the labels, as `uhrseg segment` writes it
+        files["uncertainty"] = uncertainty_file
     metrics = scene_metrics(result, np.asarray(truth_layer.data), seg._method)
     truth_names = list(truth_layer.metadata.get("class_names") or [])
     metrics["classes_match_ground_truth"] = truth_names == list(seg._method.class_names)
@@ -183,6 +186,18 @@ def write_outputs(out: Path, viewer, image_layer, truth_layer, seg, result, path
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _save_uncertainty(labels_path: Path, image_layer, pyr):
+    """The whole-image MagNet uncertainty map the Segment dock assembled, written next to ``labels_path``
+    (``<stem>_uncertainty.tif``); None after a run of another method."""
+    from napari_uhrseg.methods.magnet import save_uncertainty
+    from napari_uhrseg.widgets import uncertainty
+
+    maps = uncertainty.maps_for(image_layer)
+    if maps is None or uncertainty.FINAL not in maps.names:
+        return None
+    return save_uncertainty(labels_path, maps.map(uncertainty.FINAL), pyr.pixel_size, pyr.pixel_unit)
 
 
 def scene_metrics(result, truth: np.ndarray, method) -> dict:

@@ -62,6 +62,10 @@ class StageMaps:
         stages = sorted((k for k in self._maps if k != FINAL), key=lambda k: int(k.split()[-1]))
         return ([FINAL] if FINAL in self._maps else []) + stages
 
+    def map(self, name: str = FINAL):
+        """The :class:`~napari_uhrseg.methods.magnet.UncertaintyMap` of ``name`` (e.g. to save it)."""
+        return self._maps[name]
+
     def array(self, name: str = FINAL) -> np.ndarray:
         return self._maps[name].array
 
