@@ -31,13 +31,11 @@ def run(args) -> int:
     from napari_uhrseg.device import select_device
     from napari_uhrseg.engine.refine import refine_region
     from napari_uhrseg.errors import UhrsegError
-    from napari_uhrseg.io.export import export_labels
+    from napari_uhrseg.io.atomic import check_output_folder
+    from napari_uhrseg.io.export import export_labels, guess_format
     from napari_uhrseg.io.labels import open_label_store
     from napari_uhrseg.io.pyramid import open_pyramid
     from napari_uhrseg.methods.cascadepsp import CascadePSP
-
-    from napari_uhrseg.io.atomic import check_output_folder
-    from napari_uhrseg.io.export import guess_format
 
     try:
         guess_format(args.output)  # an unknown suffix or a missing folder: said before the work, not after
