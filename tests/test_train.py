@@ -146,3 +146,20 @@ def test_cli_train_and_resume(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "[5/5]" in printed and "[1/" not in printed.split("[3/3]")[-1]
     assert train_main(args + ["--iterations", "5", "--resume", str(out)]) == 2  # best file: no training state
+
+
+def test_cli_train_chooses_the_aggregation_form_and_a_resume_keeps_it(tmp_path):
+    from napari_uhrseg.methods.grnet_ppn import GRNetMethod
+
+    out = tmp_path / "p.pt"
+    args = ["--scene", "sample", "--scene-size", "256", "--window", "128", "--global-size", "64",
+            "--refine-size", "32", "--batch-size", "1", "--round-steps", "1", "--val-every", "2", "--threads", "1",
+            "--val-share", "0.5", "--out", str(out), "--no-pretrained"]
+    assert train_main(args + ["--iterations", "3", "--aggregation", "plain"]) == 0
+    _, meta = load_checkpoint(out, method="grnet")
+    assert meta["architecture"]["aggregation_residual"] is False  # the fast preset's default is residual
+    assert GRNetMethod.from_checkpoint(out).model.cfg["aggregation_residual"] is False
+    # a resumed run keeps the form it started with, whatever the flag says
+    assert train_main(args + ["--iterations", "4", "--aggregation", "residual", "--resume", str(last_path(out))]) == 0
+    _, meta = load_checkpoint(last_path(out))
+    assert meta["architecture"]["aggregation_residual"] is False

@@ -539,6 +539,9 @@ def _parser():
     p.add_argument("--global-size", type=int, help="G-branch input side (default 512)")
     p.add_argument("--refine-size", type=int, help="R-branch input side")
     p.add_argument("--patches", type=int, choices=[4, 16, 64], default=None, help="patches per window (4x4 = 16)")
+    p.add_argument("--aggregation", choices=["residual", "plain"], default=None,
+                   help="plain: the paper's aggregation convs; residual: they correct the G-branch's logits (the "
+                        "fast preset's default; plain learns faster where the global view sees little)")
     p.add_argument("--selection", choices=["threshold", "topk"], help="PPN rule stored as the default")
     p.add_argument("--threshold", type=float)
     p.add_argument("--top-k", type=int)
@@ -624,6 +627,8 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
         grid = int(math.isqrt(args.patches)) if args.patches else None
         # a resumed run keeps the architecture it was started with
         overrides = dict(global_size=args.global_size, refine_size=args.refine_size)
+        if args.aggregation is not None:
+            overrides["aggregation_residual"] = args.aggregation == "residual"
         overrides.update(arch)
         cfg = grnet_preset(preset, lr=args.lr, batch_size=args.batch_size, window=args.window, grid=grid,
                            selection=args.selection, threshold=args.threshold, top_k=args.top_k,
