@@ -163,3 +163,24 @@ def test_cli_train_chooses_the_aggregation_form_and_a_resume_keeps_it(tmp_path):
     assert train_main(args + ["--iterations", "4", "--aggregation", "residual", "--resume", str(last_path(out))]) == 0
     _, meta = load_checkpoint(last_path(out))
     assert meta["architecture"]["aggregation_residual"] is False
+
+
+def test_cli_train_frozen_backbones_trains_only_the_heads_and_a_resume_stays_frozen(tmp_path, capsys):
+    out = tmp_path / "f.pt"
+    args = ["--scene", "sample", "--scene-size", "256", "--window", "128", "--global-size", "64",
+            "--refine-size", "32", "--batch-size", "1", "--round-steps", "2", "--val-every", "3", "--threads", "1",
+            "--val-share", "0.5", "--crop-pool", "4", "--out", str(out), "--no-pretrained"]
+    assert train_main(args + ["--iterations", "3", "--frozen-backbones"]) == 0
+    first, meta = load_checkpoint(last_path(out))
+    assert meta["frozen_backbone"] is True and "frozen backbones" in capsys.readouterr().out
+    # resumed without the flag: the run keeps its mode, and the Mainbody rounds (steps 4-6 here) train its heads
+    assert train_main(args + ["--iterations", "8", "--resume", str(last_path(out))]) == 0
+    later, meta = load_checkpoint(last_path(out))
+    assert meta["frozen_backbone"] is True and meta["training_state"]["step"] == 8
+    backbone = [k for k in first if ".backbone." in k or k.startswith(("global_branch.backbone", "ppn.backbone"))]
+    assert {k.split(".")[0] for k in backbone} >= {"global_branch", "refine_branch", "ppn"}
+    for k in backbone:  # weights and batch-norm statistics alike
+        assert torch.equal(first[k], later[k]), k
+    learned = [k for k in first if k not in backbone and first[k].is_floating_point()
+               and not torch.equal(first[k], later[k])]
+    assert any(k.startswith("global_branch.") for k in learned) and any(k.startswith("refine_branch.") for k in learned)

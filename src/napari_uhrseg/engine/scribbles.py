@@ -217,25 +217,46 @@ def _grnet_builder(items, class_names, class_colors, settings: TrainingSettings,
     data = RandomCrops(train_items, crop, ignore_zero=True, seed=settings.seed)
     val = validation_windows(val_items, crop, ignore_zero=True, limit=4)
     model = GRNet(cfg, len(class_names) - 1, pretrained=not resume_meta)
-    cache = None
+    install = None
     if settings.frozen_backbone:
-        freeze_backbones(model.global_branch.backbone, model.refine_branch.backbone, model.ppn.backbone)
-        # The saliency map multiplies the R-branch's input: while it learns, that input depends on the G-branch's
-        # current output, so the frozen R-branch backbone would still run (and back-propagate) on every patch of
-        # every step. Frozen mode keeps it at what it starts from (identity for a new model).
-        model.saliency.requires_grad_(False)
-        if settings.feature_cache:
-            from napari_uhrseg.engine.feature_cache import CropPool, FeatureCache
-
-            data = CropPool(data, settings.crop_pool, seed=settings.seed, refresh_every=settings.pool_refresh)
-            cache = FeatureCache(settings.cache_mb * 2**20)
+        data, install = frozen_grnet(model, data, feature_cache=settings.feature_cache, crop_pool=settings.crop_pool,
+                                     pool_refresh=settings.pool_refresh, seed=settings.seed, cache_mb=settings.cache_mb)
     round_steps = max(2, settings.iterations // 8)
     trainer = GRNetTrainer(model, cfg, data, val, class_names=class_names, class_colors=class_colors,
                            ignore_index=0, total_steps=settings.iterations, batch_size=cfg["batch_size"],
                            device=settings.device, round_steps=round_steps,
                            extra_meta={"trained_on": "scribbles in napari",
                                        "frozen_backbone": settings.frozen_backbone})
-    if cache is not None:
+    if install is not None:
+        install(trainer)
+
+    def make_method():
+        return GRNetMethod(model, class_names, ignore_index=0, settings=trainer.settings, device=settings.device,
+                           meta={"window": crop})
+
+    return trainer, settings.iterations, make_method
+
+
+def frozen_grnet(model, data, *, feature_cache: bool = True, crop_pool: int = 32, pool_refresh: int = 0,
+                 seed: int = 0, cache_mb: int = 384):
+    """Frozen-backbone training of a GRNet: its three ImageNet backbones stay fixed and only the FPNs, heads,
+    PPN classifier and aggregation learn (the Train dock's default; ``uhrseg train --method grnet
+    --frozen-backbones``). Call before building the trainer; returns ``(data, install)``: the crops to train on
+    (a ``CropPool`` over ``data`` when ``feature_cache``) and ``install(trainer)``, which serves the backbones'
+    features from a ``FeatureCache`` during the trainer's steps and validations (a no-op without the cache)."""
+    freeze_backbones(model.global_branch.backbone, model.refine_branch.backbone, model.ppn.backbone)
+    # The saliency map multiplies the R-branch's input: while it learns, that input depends on the G-branch's
+    # current output, so the frozen R-branch backbone would still run (and back-propagate) on every patch of
+    # every step. Frozen mode keeps it at what it starts from (identity for a new model).
+    model.saliency.requires_grad_(False)
+    if not feature_cache:
+        return data, lambda trainer: None
+    from napari_uhrseg.engine.feature_cache import CropPool, FeatureCache
+
+    data = CropPool(data, crop_pool, seed=seed, refresh_every=pool_refresh)
+    cache = FeatureCache(cache_mb * 2**20)
+
+    def install(trainer) -> None:
         def attach():  # after a resumed session has loaded its weights (the checks below read them)
             gb, pb, rb = model.global_branch.backbone, model.ppn.backbone, model.refine_branch.backbone
             cache.attach(gb, keep=range(1, gb.num_stages), slot="global")  # the FPN reads strides 4..32
@@ -252,11 +273,7 @@ def _grnet_builder(items, class_names, class_colors, settings: TrainingSettings,
         trainer.validate = cache.wrap(trainer.validate, attach)
         trainer.feature_cache = cache
 
-    def make_method():
-        return GRNetMethod(model, class_names, ignore_index=0, settings=trainer.settings, device=settings.device,
-                           meta={"window": crop})
-
-    return trainer, settings.iterations, make_method
+    return data, install
 
 
 def _detach_if_constant(module, _inputs, output):

@@ -542,6 +542,14 @@ def _parser():
     p.add_argument("--aggregation", choices=["residual", "plain"], default=None,
                    help="plain: the paper's aggregation convs; residual: they correct the G-branch's logits (the "
                         "fast preset's default; plain learns faster where the global view sees little)")
+    p.add_argument("--frozen-backbones", action="store_true",
+                   help="keep the three ImageNet backbones fixed and cache their features: only the FPNs, heads, "
+                        "PPN classifier and aggregation learn (the Train dock's mode; several times faster per "
+                        "step; default --lr 3e-4)")
+    p.add_argument("--crop-pool", type=int, default=32,
+                   help="with --frozen-backbones: augmented crops drawn once and reused (their features cached)")
+    p.add_argument("--pool-refresh", type=int, default=0,
+                   help="with --frozen-backbones: replace one pool crop every N steps (0 = never)")
     p.add_argument("--selection", choices=["threshold", "topk"], help="PPN rule stored as the default")
     p.add_argument("--threshold", type=float)
     p.add_argument("--top-k", type=int)
@@ -630,6 +638,12 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
         if args.aggregation is not None:
             overrides["aggregation_residual"] = args.aggregation == "residual"
         overrides.update(arch)
+        # a resumed run keeps its training mode too (frozen backbones or not)
+        frozen = bool(args.frozen_backbones or (resume_meta or {}).get("frozen_backbone"))
+        if frozen and args.lr is None:
+            from napari_uhrseg.engine.scribbles import FROZEN_LR
+
+            args.lr = FROZEN_LR
         cfg = grnet_preset(preset, lr=args.lr, batch_size=args.batch_size, window=args.window, grid=grid,
                            selection=args.selection, threshold=args.threshold, top_k=args.top_k,
                            global_share=args.global_share, **overrides)
@@ -647,19 +661,29 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
         else:
             total = 2000
         model = GRNet(cfg, k, pretrained=not args.no_pretrained and resume_state is None)
+        install = None
+        if frozen:
+            from napari_uhrseg.engine.scribbles import frozen_grnet
+
+            data, install = frozen_grnet(model, data, crop_pool=args.crop_pool, pool_refresh=args.pool_refresh,
+                                         seed=args.seed)
         cmd = "uhrseg train --method grnet " + " ".join(argv)
         trainer = GRNetTrainer(model, cfg, data, val, class_names=names, class_colors=colors,
                                ignore_index=0 if ignore_zero else None, total_steps=total,
                                batch_size=cfg["batch_size"], device=dev.device, round_steps=args.round_steps,
-                               half=args.half, extra_meta={"trained_on": source, "command": cmd})
+                               half=args.half, extra_meta={"trained_on": source, "command": cmd,
+                                                           "frozen_backbone": frozen})
         start, best = 0, None
         if resume_state is not None:
             model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in resume_state.items()})
             start, best = trainer.load_training_state(resume_meta["training_state"])
             total = max(total, start)
+        if install is not None:
+            install(trainer)  # after a resumed run's weights are in: the cache checks the saliency's weights
+        mode = ", frozen backbones (features cached)" if frozen else ""
         print(f"GRNet '{preset}' on {dev.describe()}: {source}; {len(val)} validation windows; "
               f"{total} steps (G-branch alone for {trainer.global_steps}), batch {cfg['batch_size']} of "
-              f"{cfg['crop']} px", flush=True)
+              f"{cfg['crop']} px{mode}", flush=True)
         stop = {"flag": False}
         old = signal.signal(signal.SIGINT, lambda *_: stop.__setitem__("flag", True))
         try:
