@@ -33,19 +33,36 @@ from napari_uhrseg.metrics import RssSampler, miou_from_confusion
 def train(args, device: str) -> Path:
     split = deepglobe_split()
     items = [LabelledImage(*load_deepglobe_tile(i), name=i) for i in split["train"]]
-    cfg = grnet_preset("fast", batch_size=args.batch_size, global_share=args.global_share)
+    lr = args.lr
+    if args.frozen_backbones and lr is None:
+        from napari_uhrseg.engine.scribbles import FROZEN_LR
+
+        lr = FROZEN_LR
+    cfg = grnet_preset("fast", batch_size=args.batch_size, global_share=args.global_share, lr=lr)
     cfg["crop"] = args.crop  # half-window crops keep inference's scales (see GRNetTrainer)
     torch.manual_seed(args.seed)
     data = RandomCrops(items, cfg["crop"], ignore_zero=True, seed=args.seed)
     model = GRNet(cfg, len(DEEPGLOBE_CLASSES) - 1, pretrained=True)
     if args.init:
         start_from(model, Path(args.init))
+    install = None
+    if args.frozen_backbones:  # `uhrseg train --frozen-backbones`: ImageNet trunks fixed, their features cached
+        from napari_uhrseg.engine.scribbles import frozen_grnet
+
+        data, install = frozen_grnet(model, data, crop_pool=args.crop_pool, pool_refresh=args.pool_refresh,
+                                     seed=args.seed, cache_mb=args.cache_mb)
     trainer = GRNetTrainer(model, cfg, data, [], class_names=DEEPGLOBE_CLASSES, class_colors=DEEPGLOBE_COLORS,
                            ignore_index=0, total_steps=10**9, batch_size=cfg["batch_size"], device=device,
-                           round_steps=args.round_steps, extra_meta={"trained_on": "deepglobe " + ",".join(split["train"])})
+                           round_steps=args.round_steps,
+                           extra_meta={"trained_on": "deepglobe " + ",".join(split["train"]),
+                                       "frozen_backbone": bool(args.frozen_backbones)})
+    if install is not None:
+        install(trainer)
     budget = args.minutes * 60
     print(f"training budget {args.minutes:.1f} min on {device}; train tiles {split['train']}; crops {cfg['crop']} px, "
-          f"batch {cfg['batch_size']}", flush=True)
+          f"batch {cfg['batch_size']}, lr {cfg['lr']}"
+          + (f"; frozen backbones, a pool of {args.crop_pool} crops (one replaced every {args.pool_refresh} steps)"
+             if args.frozen_backbones else ""), flush=True)
     # calibrate: time a few steps of each kind, then fix the schedule (G-branch share, rounds) for the budget
     t0 = time.perf_counter()
     trainer.global_steps = 10**9
@@ -147,6 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--global-share", type=float, default=0.3)
     p.add_argument("--round-steps", type=int, default=25)
     p.add_argument("--max-steps", type=int)
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's; 3e-4 with --frozen-backbones)")
+    p.add_argument("--frozen-backbones", action="store_true",
+                   help="train as `uhrseg train --frozen-backbones` does: ImageNet trunks fixed, features cached")
+    p.add_argument("--crop-pool", type=int, default=32)
+    p.add_argument("--pool-refresh", type=int, default=0)
+    p.add_argument("--cache-mb", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--timing-tiles", type=int, default=3, help="test tiles timed per configuration")

@@ -1,5 +1,6 @@
 """The shipped starter checkpoints on the sample scene (what `make demo` and a first Segment press use), in one
-run on the same held-out windows: GRNet/PPN, the MagNet backbone alone, MagNet and MagNet-Fast.
+run on the same held-out windows: GRNet/PPN (its stored selection rule; beside it the G-branch alone and every
+patch refined), the MagNet backbone alone, MagNet and MagNet-Fast.
 
 Held out: the bottom 15 % of the 3072² sample scene (rows 2612–3071; ``SAMPLE_SCENE``), as three 1024 × 460
 windows. The GRNet starter trained on the rows above them; the MagNet starter on the top-left 2048² of the same
@@ -7,9 +8,12 @@ scene (the generator is coordinate-based, so ``--scene-size 2048`` is exactly th
 pixels. mIoU over the 5 classes (0 = "background" is a real class here), pooled confusion matrix; seconds per
 window (wall clock of ``predict`` after one warm-up call); the share of each model's label errors that fall in
 the 10 % most uncertain pixels of each window (1 − (p_top1 − p_top2)), with the best possible share
-``min(1, 10 % / error rate)``.
+``min(1, 10 % / error rate)``. A model made for windows narrower than a held-out window (its checkpoint's
+``window``) predicts it as side-by-side tiles of its own width, as the engine would cut it; the seconds are the
+tiles' sum.
 
     python benchmarks/sample_starters.py --threads 2 --json bench_out/sample_starters.json
+    python benchmarks/sample_starters.py --grnet bench_out/grnet_candidate.pt   # a candidate against the rest
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from napari_uhrseg.methods.magnet import certainty_map  # noqa: E402
 from napari_uhrseg.metrics import ConfusionMatrix  # noqa: E402
 from napari_uhrseg.synthetic import SAMPLE_SCENE, SyntheticScene  # noqa: E402
 
-CONFIGS = ("grnet", "backbone", "magnet", "magnet-fast")
+CONFIGS = ("grnet", "grnet-global", "grnet-all", "backbone", "magnet", "magnet-fast")
+GRNET_MODES = {"grnet-global": "global", "grnet-all": "all"}  # the G-branch alone; every patch refined
 TOP_SHARE = 0.10
 HELD_OUT_FRACTION = 0.15
 WINDOW = 1024
@@ -45,7 +50,18 @@ def held_out_windows(scene: SyntheticScene, window: int = WINDOW) -> list[tuple[
 def predict(name: str, methods: dict, rgb: np.ndarray) -> np.ndarray:
     if name == "backbone":
         return methods["magnet"].backbone_only(rgb)
-    return methods[name].predict(rgb).probabilities
+    method = methods[name]
+    tile = int(getattr(method, "window_size", 0) or WINDOW)
+    if rgb.shape[1] <= tile and rgb.shape[0] <= tile:
+        return method.predict(rgb).probabilities
+    rows = [method_tiles(method, rgb[y0 : y0 + tile], tile) for y0 in range(0, rgb.shape[0], tile)]
+    return np.concatenate(rows, axis=1)
+
+
+def method_tiles(method, strip: np.ndarray, tile: int) -> np.ndarray:
+    """Probabilities of a strip predicted as side-by-side tiles of ``tile`` px."""
+    return np.concatenate([method.predict(strip[:, x0 : x0 + tile]).probabilities
+                           for x0 in range(0, strip.shape[1], tile)], axis=2)
 
 
 def errors_in_top_area(labels, gt, uncertainty, share: float = TOP_SHARE) -> tuple[int, int, int]:
@@ -59,17 +75,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--grnet", help="GRNet checkpoint (default: the shipped starter)")
+    p.add_argument("--magnet", help="MagNet checkpoint, for MagNet, MagNet-Fast and the backbone (default: the starter)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     scene = SyntheticScene(SAMPLE_SCENE["size"], seed=SAMPLE_SCENE["seed"], num_classes=SAMPLE_SCENE["num_classes"])
-    methods = {name: build_method(name, None, "cpu") for name in ("grnet", "magnet", "magnet-fast")}
+    checkpoints = {"grnet": args.grnet, "magnet": args.magnet, "magnet-fast": args.magnet}
+    methods = {name: build_method(name, ckpt, "cpu") for name, ckpt in checkpoints.items()}
+    methods.update({name: build_method("grnet", args.grnet, "cpu", mode=mode) for name, mode in GRNET_MODES.items()})
     windows = held_out_windows(scene)
     data = []
     for y0, x0, h, w in windows:
         gt = scene.labels_window(y0, x0, h, w)
         data.append((scene.image_window(y0, x0, h, w, labels=gt), gt))
     for name in methods:  # warm-up: scripted refiner, thread pool, allocator
-        methods[name].predict(data[0][0])
+        predict(name, methods, data[0][0])
     n = scene.num_classes
     cms = {c: ConfusionMatrix(n) for c in CONFIGS}
     seconds = {c: [] for c in CONFIGS}
@@ -89,6 +109,7 @@ def main(argv=None) -> int:
                   f"errors {b / m:6.1%}, in top-10% {a / max(b, 1):6.1%}", flush=True)
     load_after = os.getloadavg()
     results = {"scene": SAMPLE_SCENE, "windows": windows, "threads": args.threads, "classes": scene.class_names,
+               "checkpoints": {k: v or "starter" for k, v in checkpoints.items()},
                "load_average_before": load_before, "load_average_after": load_after, "configs": {}}
     print(f"\n{'starter':12s} {'mIoU':>6s}  " + " ".join(f"{k[:8]:>8s}" for k in scene.class_names)
           + "  s/window  error rate  errors in top-10% (best possible)")

@@ -120,13 +120,14 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", type=int, nargs=2, default=[5000, 20000])
     p.add_argument("--mode", default="global", choices=["global", "ppn", "all"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--checkpoint", default=None, help="GRNet checkpoint (default: the shipped starter)")
     p.add_argument("--work", default=None, help="folder for the images (kept between runs); default: a temp dir")
     p.add_argument("--baseline-patch-batch", type=int, default=None,
                    help="also run both sizes with this GRNet patch batch (e.g. 16, the batch before 2026-12-02)")
     args = p.parse_args(argv)
     work = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "uhrseg-segment-memory"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, kind = grnet_checkpoint(work)
+    ckpt, kind = (Path(args.checkpoint), "given") if args.checkpoint else grnet_checkpoint(work)
     print(f"checkpoint: {kind} ({ckpt.name}); mode {args.mode}; {args.threads} threads; work folder {work}")
     rows, baseline = [], []
     for size in args.sizes:

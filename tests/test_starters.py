@@ -1,7 +1,8 @@
-"""The shipped MagNet starter segments the part of the sample scene it never saw.
+"""The shipped GRNet and MagNet starters segment the part of the sample scene they never saw.
 
-The starter trained on the top-left 2048² of the 3072² sample scene (``starters/README.md``); the scene is
-generated from coordinates, so rows from 2612 on (the bottom 15 %, also GRNet's validation rows) are held out.
+The MagNet starter trained on the top-left 2048² of the 3072² sample scene, the GRNet starter on its top-left
+2612² (``starters/README.md``); the scene is generated from coordinates, so rows from 2612 on (the bottom 15 %)
+are held out for both.
 Figures of all starters on the three windows there: ``benchmarks/sample_starters.py`` and
 ``docs/methods/magnet.md``.
 """
@@ -14,7 +15,7 @@ from napari_uhrseg.methods import magnet as mg
 from napari_uhrseg.metrics import ConfusionMatrix
 from napari_uhrseg.synthetic import SAMPLE_SCENE, SyntheticScene
 
-pytestmark = pytest.mark.skipif(not mg.starter_checkpoint().is_file(), reason="no MagNet starter installed")
+needs_magnet = pytest.mark.skipif(not mg.starter_checkpoint().is_file(), reason="no MagNet starter installed")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def _miou(labels: np.ndarray, gt: np.ndarray) -> float:
     return cm.miou()[0]
 
 
+@needs_magnet
 def test_magnet_starter_segments_held_out_sample_scene_and_its_map_points_at_its_errors(held_out):
     from napari_uhrseg.cli.segment import build_method
 
@@ -54,6 +56,7 @@ def test_magnet_starter_segments_held_out_sample_scene_and_its_map_points_at_its
     assert errors[top].sum() >= 0.2 * errors.sum(), errors[top].sum() / errors.sum()
 
 
+@needs_magnet
 def test_magnet_fast_runs_from_the_same_starter(held_out):
     from napari_uhrseg.cli.segment import build_method
 
@@ -65,3 +68,22 @@ def test_magnet_fast_runs_from_the_same_starter(held_out):
     assert [sum(p["selected"] for p in s["patches"]) for s in stages[1:]] == [min(3, len(s["patches"]))
                                                                             for s in stages[1:]]
     assert _miou(pred.probabilities.argmax(0), gt) > _miou(fast.backbone_only(rgb).argmax(0), gt)
+
+
+def test_grnet_starter_segments_held_out_sample_scene_window_by_window(held_out):
+    from napari_uhrseg.cli.segment import build_method, starter_checkpoint
+    from napari_uhrseg.engine.segment import segment_image
+    from napari_uhrseg.io.pyramid import open_pyramid
+
+    if starter_checkpoint("grnet") is None:
+        pytest.skip("no GRNet starter installed")
+    rgb, gt = held_out
+    grnet = build_method("grnet", None, "cpu")  # no --checkpoint: the starter
+    assert grnet.class_names == ["background", "stripes", "checker", "speckle", "diagonal"]
+    assert grnet.window_size == 512  # what `uhrseg segment`, the dock and the demo take from its metadata
+    result = segment_image(open_pyramid(rgb, name="held out"), grnet, window=grnet.window_size, overlap=64)
+    labels = np.asarray(result.store.array)
+    assert labels.shape == gt.shape
+    assert _miou(labels, gt) >= 0.85, _miou(labels, gt)
+    patches = [o for o in result.overlays if o["kind"] == "ppn_patch"]  # the dock's PPN rectangles
+    assert patches and 0 < sum(o["selected"] for o in patches) < len(patches)
