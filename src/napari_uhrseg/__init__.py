@@ -1,4 +1,4 @@
-"""napari-uhrseg: annotate ultra-high-resolution images with GRNet/PPN, GLNet, MagNet, ISDNet and CascadePSP.
+"""napari-uhrseg: annotate ultra-high-resolution images with GRNet/PPN, MagNet and CascadePSP (GLNet, ISDNet planned).
 
 The compute core (``io``, ``nn``, ``methods``, ``engine``, ``metrics``, ``synthetic``) never imports Qt or
 napari; the ``widgets`` package and the npe2 hooks translate between napari layers and core calls.
