@@ -9,8 +9,8 @@ pixels. mIoU over the 5 classes (0 = "background" is a real class here), pooled 
 window (wall clock of ``predict`` after one warm-up call); the share of each model's label errors that fall in
 the 10 % most uncertain pixels of each window (1 − (p_top1 − p_top2)), with the best possible share
 ``min(1, 10 % / error rate)``. A model made for windows narrower than a held-out window (its checkpoint's
-``window``) predicts it as side-by-side tiles of its own width, as the engine would cut it; the seconds are the
-tiles' sum.
+``window``) predicts it as side-by-side tiles of its own width (without the engine's overlap); the seconds are
+the tiles' sum.
 
     python benchmarks/sample_starters.py --threads 2 --json bench_out/sample_starters.json
     python benchmarks/sample_starters.py --grnet bench_out/grnet_candidate.pt   # a candidate against the rest

@@ -184,3 +184,17 @@ def test_cli_train_frozen_backbones_trains_only_the_heads_and_a_resume_stays_fro
     learned = [k for k in first if k not in backbone and first[k].is_floating_point()
                and not torch.equal(first[k], later[k])]
     assert any(k.startswith("global_branch.") for k in learned) and any(k.startswith("refine_branch.") for k in learned)
+
+
+@pytest.mark.parametrize("bad", [["--iterations", "0"], ["--batch-size", "0"], ["--crop-pool", "0"],
+                                 ["--pool-refresh", "-1"], ["--round-steps", "x"]])
+def test_cli_train_refuses_counts_below_their_minimum(tmp_path, capsys, bad):
+    out = tmp_path / "never.pt"
+    with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with the reason, before any data is read
+        train_main(["--scene", "sample", "--out", str(out)] + bad)
+    assert exc.value.code == 2 and bad[0] in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_train_refuses_zero_epochs(tmp_path, capsys):
+    assert train_main(["--scene", "sample", "--epochs", "0", "--out", str(tmp_path / "never.pt")]) == 2
+    assert "--epochs must be above 0" in capsys.readouterr().out

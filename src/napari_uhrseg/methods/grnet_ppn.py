@@ -514,6 +514,22 @@ def starter_checkpoint() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+def _count(minimum: int):
+    """argparse type: an integer >= ``minimum`` (a clear message instead of a silent default or a traceback)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _parser():
     import argparse
 
@@ -530,10 +546,10 @@ def _parser():
     data.add_argument("--scene-seed", type=int, help="seed of the synthetic scene (default: the sample's)")
     p.add_argument("--out", required=True, help="checkpoint to write (best); the resumable state goes to X.last.pt")
     p.add_argument("--preset", choices=["fast", "paper"], help="default: fast on CPU, paper on CUDA")
-    p.add_argument("--iterations", type=int, help="training steps (default 2000)")
+    p.add_argument("--iterations", type=_count(1), help="training steps (default 2000)")
     p.add_argument("--epochs", type=float, help="instead of --iterations: passes over the training pixels")
     p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_count(1))
     p.add_argument("--crop", type=int, help="training window side (px); default = --window")
     p.add_argument("--window", type=int, help="window side the model is made for (px; default 2448)")
     p.add_argument("--global-size", type=int, help="G-branch input side (default 512)")
@@ -546,24 +562,24 @@ def _parser():
                    help="keep the three ImageNet backbones fixed and cache their features: only the FPNs, heads, "
                         "PPN classifier and aggregation learn (the Train dock's mode; several times faster per "
                         "step; default --lr 3e-4)")
-    p.add_argument("--crop-pool", type=int, default=32,
+    p.add_argument("--crop-pool", type=_count(1), default=32,
                    help="with --frozen-backbones: augmented crops drawn once and reused (their features cached)")
-    p.add_argument("--pool-refresh", type=int, default=0,
+    p.add_argument("--pool-refresh", type=_count(0), default=0,
                    help="with --frozen-backbones: replace one pool crop every N steps (0 = never)")
     p.add_argument("--selection", choices=["threshold", "topk"], help="PPN rule stored as the default")
     p.add_argument("--threshold", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--global-share", type=float, help="share of steps training the G-branch alone")
-    p.add_argument("--round-steps", type=int, default=25, help="steps per PPN / Mainbody round")
+    p.add_argument("--round-steps", type=_count(1), default=25, help="steps per PPN / Mainbody round")
     p.add_argument("--val-share", type=float, default=0.15, help="bottom share of rows held out for validation")
-    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-every", type=_count(1), default=100)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", help="a .last.pt file written by an earlier run")
     p.add_argument("--half", action="store_true", help="store the best checkpoint in float16 (half the size)")
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=_count(1), default=10)
     return p
 
 
@@ -623,6 +639,8 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if args.epochs is not None and not args.epochs > 0:
+            raise UhrsegError(f"--epochs must be above 0, got {args.epochs}.")
         dev = select_device(args.device, threads=args.threads)
         torch.manual_seed(args.seed)
         resume_state, resume_meta = None, None
