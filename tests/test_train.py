@@ -186,15 +186,20 @@ def test_cli_train_frozen_backbones_trains_only_the_heads_and_a_resume_stays_fro
     assert any(k.startswith("global_branch.") for k in learned) and any(k.startswith("refine_branch.") for k in learned)
 
 
-@pytest.mark.parametrize("bad", [["--iterations", "0"], ["--batch-size", "0"], ["--crop-pool", "0"],
-                                 ["--pool-refresh", "-1"], ["--round-steps", "x"]])
-def test_cli_train_refuses_counts_below_their_minimum(tmp_path, capsys, bad):
+@pytest.mark.parametrize("method,bad", [
+    ("grnet", ["--iterations", "0"]), ("grnet", ["--batch-size", "0"]), ("grnet", ["--crop-pool", "0"]),
+    ("grnet", ["--pool-refresh", "-1"]), ("grnet", ["--round-steps", "x"]), ("grnet", ["--epochs", "0"]),
+    ("magnet", ["--batch-size", "0"]), ("magnet", ["--refiner-steps", "-1"]), ("magnet", ["--minutes", "-1"]),
+    ("cascadepsp", ["--batch-size", "0"]), ("cascadepsp", ["--crop", "16"]), ("cascadepsp", ["--max-steps", "0"]),
+    ("cascadepsp", ["--minutes", "0"]),
+])
+def test_cli_train_refuses_counts_below_their_minimum(tmp_path, capsys, method, bad):
+    """Before, '--iterations 0' fell through to the 2000-step default and a zero batch or crop ended in a
+    traceback deep inside the run; now argparse exits 2 with the reason, before any data is read."""
+    from napari_uhrseg.cli import main as uhrseg
+
     out = tmp_path / "never.pt"
-    with pytest.raises(SystemExit) as exc:  # argparse: exit 2 with the reason, before any data is read
-        train_main(["--scene", "sample", "--out", str(out)] + bad)
+    data = {"grnet": ["--scene", "sample"], "magnet": ["--scene", "sample"], "cascadepsp": []}[method]
+    with pytest.raises(SystemExit) as exc:
+        uhrseg(["train", "--method", method, "-o" if method != "grnet" else "--out", str(out)] + data + bad)
     assert exc.value.code == 2 and bad[0] in capsys.readouterr().err and not out.exists()
-
-
-def test_cli_train_refuses_zero_epochs(tmp_path, capsys):
-    assert train_main(["--scene", "sample", "--epochs", "0", "--out", str(tmp_path / "never.pt")]) == 2
-    assert "--epochs must be above 0" in capsys.readouterr().out

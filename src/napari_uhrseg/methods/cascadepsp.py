@@ -811,14 +811,16 @@ def train(model: RefinementModule, data: RefinementData, *, minutes: float, batc
 
 def train_main(argv=None, method: str = "cascadepsp") -> int:
     """``uhrseg train --method cascadepsp``: train a class-agnostic refiner on perturbed masks."""
+    from napari_uhrseg.cli._argtypes import count, positive
+
     ap = argparse.ArgumentParser(prog="uhrseg train --method cascadepsp", description=train_main.__doc__)
     ap.add_argument("-o", "--output", required=True, help="checkpoint to write (.pt)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="fast")
-    ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget")
-    ap.add_argument("--max-steps", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--crop", type=int, default=TRAIN_CROP, help="training crop side in px (paper: 224)")
-    ap.add_argument("--lr", type=float, default=LEARNING_RATE)
+    ap.add_argument("--minutes", type=positive, default=25.0, help="wall-clock budget")
+    ap.add_argument("--max-steps", type=count(1), default=None)
+    ap.add_argument("--batch-size", type=count(1), default=8)
+    ap.add_argument("--crop", type=count(32), default=TRAIN_CROP, help="training crop side in px (paper: 224)")
+    ap.add_argument("--lr", type=positive, default=LEARNING_RATE)
     ap.add_argument("--lr-drops", default=",".join(str(d) for d in LR_DROPS),
                     help="fractions of the time budget where the learning rate drops ×0.1 (paper: 0.5,0.83)")
     ap.add_argument("--deepglobe", default="train", help="'train' (the project's split), 'none', or comma ids")
@@ -827,7 +829,7 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
     ap.add_argument("--photo-fraction", type=float, default=0.5, help="share of synthetic photo composites")
     ap.add_argument("--init", default=None, help="start from this CascadePSP checkpoint")
     ap.add_argument("--half", action="store_true", help="store fp16 weights (the shipped starter)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=count(1), default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.threads:

@@ -514,24 +514,10 @@ def starter_checkpoint() -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def _count(minimum: int):
-    """argparse type: an integer >= ``minimum`` (a clear message instead of a silent default or a traceback)."""
-    import argparse
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 def _parser():
     import argparse
+
+    from napari_uhrseg.cli._argtypes import count as _count, positive
 
     p = argparse.ArgumentParser(prog="uhrseg train --method grnet",
                                 description="Train GRNet/PPN (G-branch first, then PPN and Mainbody alternating).")
@@ -547,7 +533,7 @@ def _parser():
     p.add_argument("--out", required=True, help="checkpoint to write (best); the resumable state goes to X.last.pt")
     p.add_argument("--preset", choices=["fast", "paper"], help="default: fast on CPU, paper on CUDA")
     p.add_argument("--iterations", type=_count(1), help="training steps (default 2000)")
-    p.add_argument("--epochs", type=float, help="instead of --iterations: passes over the training pixels")
+    p.add_argument("--epochs", type=positive, help="instead of --iterations: passes over the training pixels")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=_count(1))
     p.add_argument("--crop", type=int, help="training window side (px); default = --window")
@@ -639,8 +625,6 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
 
     args = _parser().parse_args(argv)
     try:
-        if args.epochs is not None and not args.epochs > 0:
-            raise UhrsegError(f"--epochs must be above 0, got {args.epochs}.")
         dev = select_device(args.device, threads=args.threads)
         torch.manual_seed(args.seed)
         resume_state, resume_meta = None, None

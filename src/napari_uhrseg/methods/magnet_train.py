@@ -204,6 +204,8 @@ def _load_training_samples(args) -> tuple[list, list[str], int]:
 def _parser(method: str):
     import argparse
 
+    from napari_uhrseg.cli._argtypes import count, non_negative, positive
+
     p = argparse.ArgumentParser(prog=f"uhrseg train --method {method}",
                                 description="Train MagNet: the backbone first (or reuse one), then the refiner "
                                             "with the backbone frozen. One checkpoint serves MagNet and MagNet-Fast.")
@@ -214,32 +216,32 @@ def _parser(method: str):
     data.add_argument("--masks", help="folder of label images <stem>.png (0 = unlabelled, 1..K = classes)")
     data.add_argument("--classes", help="comma-separated names of label values 1..K (with --images)")
     data.add_argument("--scene", choices=["sample"], help="the synthetic sample scene")
-    data.add_argument("--scene-size", type=int, default=2448, help="side of the synthetic scene (px)")
+    data.add_argument("--scene-size", type=count(64), default=2448, help="side of the synthetic scene (px)")
     data.add_argument("--scene-seed", type=int, default=0)
     p.add_argument("--out", "-o", required=True, help="checkpoint to write (.pt)")
     p.add_argument("--preset", choices=sorted(BACKBONE_PRESETS), default="fast")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="deepglobe")
     p.add_argument("--init", help="start from this MagNet checkpoint (e.g. to train only the refiner)")
     p.add_argument("--backbone-from", help="take the backbone from a GRNet checkpoint's G-branch (same backbone)")
-    p.add_argument("--backbone-steps", type=int, default=300, help="backbone steps (0: keep the loaded one)")
+    p.add_argument("--backbone-steps", type=count(0), default=300, help="backbone steps (0: keep the loaded one)")
     p.add_argument("--backbone-lr", type=float, default=5e-4)
-    p.add_argument("--refiner-steps", type=int, default=200)
+    p.add_argument("--refiner-steps", type=count(0), default=200)
     p.add_argument("--refiner-lr", type=float, default=REFINER_LR)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="refiner optimiser (paper: sgd)")
-    p.add_argument("--batch-size", type=int, default=REFINER_BATCH)
-    p.add_argument("--refiner-crop", type=int, default=0,
+    p.add_argument("--batch-size", type=count(1), default=REFINER_BATCH)
+    p.add_argument("--refiner-crop", type=count(0), default=0,
                    help="train the refiner on random sub-windows of this side of the model input (0 = whole)")
-    p.add_argument("--window", type=int, default=0,
+    p.add_argument("--window", type=count(0), default=0,
                    help="cut the training images into windows of this side (0 = each image is one window); "
                         "stored as the window the checkpoint segments with")
-    p.add_argument("--input-ratio", type=float, default=None,
+    p.add_argument("--input-ratio", type=positive, default=None,
                    help="model input side / crop side (default: the preset's; 1 keeps full resolution, "
                         "needed when classes differ only in fine texture)")
-    p.add_argument("--minutes", type=float, default=0,
+    p.add_argument("--minutes", type=non_negative, default=0,
                    help="time budget of the refiner training in minutes: stop after the step that spends it "
                         "(0 = run all --refiner-steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--threads", type=count(0), default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--half", action="store_true", help="store float weights in float16 (half the size; a starter)")
     return p
 
