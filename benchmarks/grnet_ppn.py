@@ -9,7 +9,9 @@ real classes (label 0 "unknown" ignored), pooled confusion matrix over the test 
 
 Prints the training budget, then per configuration: mIoU, per-class IoU, fraction of patches refined, seconds
 per 2448² window on ``--time-device`` (CPU with ``--time-threads`` threads by default) and the peak RSS while
-that configuration ran (RssSampler). ``--checkpoint`` skips training. Writes ``--out`` (checkpoint) and a JSON
+that configuration ran (RssSampler); then the best any selection rule could do with this R-branch (``oracle
+top-k``: the k patches whose refinement gains most, measured against the truth; an upper bound for PPN).
+``--checkpoint`` skips training. Writes ``--out`` (checkpoint) and a JSON
 of the figures next to it.
 """
 from __future__ import annotations
@@ -148,6 +150,42 @@ def run_config(method: GRNetMethod, tiles, settings: dict, *, timed: bool):
             "peak_rss_mb": rss.peak_mb if timed else None}
 
 
+def oracle_selection(method: GRNetMethod, tiles, ks=(2, 4, 6)) -> dict:
+    """What the best possible selection rule would get from this R-branch: per window, each patch's gain in
+    correctly labelled pixels (all 16 refined vs the G-branch alone); the k patches with the largest gain take the
+    all-16 labels, the rest the G-branch's. (The aggregation's 3×3 convs see across patch borders, so a patch
+    refined with others is a close stand-in for it refined alone: pasting PPN's own top-4 this way reproduces
+    its measured mIoU to ~0.1.) An upper bound for PPN at each k, untimed."""
+    s = method.settings
+    mode = s.mode
+    per_tile = []
+    for rgb, gt in tiles:
+        s.mode = "global"
+        g = method.predict(rgb).labels
+        s.mode = "all"
+        pred = method.predict(rgb)
+        a = pred.labels
+        boxes = [tuple(int(v) for v in p["box"]) for p in pred.artefacts["patches"]]
+        gains = []
+        for y0, x0, y1, x1 in boxes:
+            t, m = gt[y0:y1, x0:x1], gt[y0:y1, x0:x1] > 0
+            gains.append(int(((a[y0:y1, x0:x1] == t) & m).sum()) - int(((g[y0:y1, x0:x1] == t) & m).sum()))
+        per_tile.append((g, a, gt, boxes, gains))
+    s.mode = mode
+    out = {}
+    for k in ks:
+        cm = np.zeros((7, 7), np.int64)
+        for g, a, gt, boxes, gains in per_tile:
+            comp = g.copy()
+            for i in np.argsort(gains, kind="stable")[::-1][:k]:
+                y0, x0, y1, x1 = boxes[i]
+                comp[y0:y1, x0:x1] = a[y0:y1, x0:x1]
+            m = gt > 0
+            cm += np.bincount(gt[m].astype(np.int64) * 7 + comp[m], minlength=49).reshape(7, 7)
+        out[f"oracle top-{k}"] = miou_from_confusion(cm, exclude=(0,))[0]
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=15.0, help="training budget")
@@ -198,6 +236,7 @@ def main(argv=None) -> int:
             r = run_config(timer, tiles[: args.timing_tiles], settings, timed=True)
             results["configs"][name].update(seconds_per_window=r["seconds_per_window"], peak_rss_mb=r["peak_rss_mb"])
         print(f"{name}: {results['configs'][name]}", flush=True)
+    results["oracle"] = oracle_selection(acc, tiles)
     results["time_device"] = f"{args.time_device} ({torch.get_num_threads()} threads)"
     names = DEEPGLOBE_CLASSES[1:]
     print(f"\nDeepGlobe test tiles {test_ids} (2448² windows); accuracy on {dev.device}, "
@@ -207,6 +246,9 @@ def main(argv=None) -> int:
     for name, r in results["configs"].items():
         print(f"{name:22s} {100 * r['miou']:6.2f} " + " ".join(f"{100 * v:6.2f}" for v in r["per_class_iou"])
               + f" {100 * r['selected_fraction']:6.1f}% {r['seconds_per_window']:6.2f} {r['peak_rss_mb']:7.0f}")
+    g_only = results["configs"]["G-branch only"]["miou"]
+    print("best possible selection from this R-branch (patches ranked by their measured gain; an upper bound for "
+          "PPN): " + ", ".join(f"{k} {100 * v:.2f} ({100 * (v - g_only):+.2f})" for k, v in results["oracle"].items()))
     out_json = Path(args.out).with_suffix(".json") if not args.checkpoint else Path(args.checkpoint).with_suffix(".json")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2))
