@@ -147,6 +147,14 @@ def test_an_overlap_too_large_for_the_window_is_a_clear_error(scene, tmp_path, c
     assert not (tmp_path / "a.zarr").exists()
 
 
+def test_a_zero_window_is_refused_not_replaced_by_the_default(scene, tmp_path, capsys):
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), "--window", "0"]) == 2
+    assert "A window of 0 px is too small" in capsys.readouterr().err
+    assert not (tmp_path / "a.zarr").exists()
+
+
 def test_ctrl_c_stops_after_the_window_and_keeps_finished_windows(scene, tmp_path, capsys, monkeypatch):
     path, ckpt, _, truth = scene
     calls = {"n": 0}

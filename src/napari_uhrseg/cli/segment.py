@@ -75,7 +75,7 @@ def run(args) -> int:
     _say(args, f"uhrseg segment: {pyramid.name} {pyramid.shape[0]} x {pyramid.shape[1]} px, level {args.level}, "
                f"method {method.name}, {choice.describe()}")
 
-    window = args.window or int(getattr(method, "window_size", 0) or DEFAULT_WINDOW)
+    window = args.window if args.window is not None else int(getattr(method, "window_size", 0) or DEFAULT_WINDOW)
     check_window(window, args.overlap)  # before any output exists
     cancel = threading.Event()
     with _first_ctrl_c_cancels(cancel, lambda m: _say(args, m)), \
