@@ -21,23 +21,21 @@ def count(minimum: int):
     return parse
 
 
-def positive(text: str) -> float:
-    """A number > 0."""
+def _number(text: str, ok, rule: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
+
+
+def positive(text: str) -> float:
+    """A number > 0."""
+    return _number(text, lambda v: v > 0, "above 0")
 
 
 def non_negative(text: str) -> float:
     """A number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+    return _number(text, lambda v: v >= 0, "0 or more")
