@@ -1,7 +1,8 @@
 """The optimised MagNet inference against a straightforward implementation of the same method.
 
 ``reference_inference`` below is MagNet written out as plainly as possible: at every scale it upsamples the
-previous prediction to a full canvas, crops and refines each chosen patch one at a time, pastes refined
+previous prediction to a full canvas, refines each chosen patch one at a time (its coarse input sampled
+from the previous prediction, as in training), pastes refined
 probabilities and query scores onto full-canvas sums with ``paste_weight``, sorts the whole scale's query map
 to take the top-k points (stable: ties in raster order) and replaces them with ``torch.where`` over the
 canvas. ``magnet.progressive_inference`` gets there with crops straight from the window, accumulation inside
@@ -75,7 +76,7 @@ def reference_inference(net, rgb: np.ndarray, schedule: mg.Schedule):
             y0, x0, y1, x1 = boxes[i]
             window_box = (round(y0 * wy), round(x0 * wx), round(y1 * wy), round(x1 * wx))
             fine = net.segment(pixels.read([window_box], model_input))
-            coarse = mg._resize(previous[None, :, y0:y1, x0:x1], model_input)
+            coarse = mg.crop_probabilities(probabilities, boxes[i], scale, model_input)[None]
             refined = torch.softmax(net.refine(coarse, fine), dim=1)
             query = mg.query_score(refined, coarse, schedule.median_kernel)
             w = mg.paste_weight(boxes[i], scale, border)

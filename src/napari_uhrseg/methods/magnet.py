@@ -12,6 +12,8 @@ uncertain patches per scale.
 Differences from the authors' public code, on purpose (``reference/seed-implementations.md``): one concat
 order ``[coarse, fine]`` for training and inference (``MagNetNet.refine`` is the only place that builds it);
 Fast mode keeps the *most* uncertain patches; overlapping patches are accumulated and averaged.
+The coarse input of a patch is sampled from the previous prediction the same way in training and at
+inference (``crop_probabilities``).
 
 Coordinates: everything in this module is in *window pixels at the working level* (the window the engine
 hands to ``predict``), rows then columns; boxes are ``(y0, x0, y1, x1)`` with exclusive ends. The engine
@@ -421,6 +423,19 @@ class WindowPixels:
         return _resize(crop.float() / 255, size)
 
 
+def crop_probabilities(prob: torch.Tensor, box, shape, size) -> torch.Tensor:
+    """Bilinear sample of the probabilities ``(C, h, w)`` (any resolution) over ``box``, given in the pixels
+    of a canvas of ``shape`` covering the same extent, at ``size``: the coarse input of the refinement
+    module, made the same way in training (from the whole-window prediction) and at inference (from the
+    previous stage's canvas) — one resampling, straight from the smaller map, edges clamped as in a resize."""
+    y0, x0, y1, x1 = box
+    H, W = shape
+    theta = torch.tensor([[(x1 - x0) / W, 0, (x0 + x1) / W - 1], [0, (y1 - y0) / H, (y0 + y1) / H - 1]],
+                         dtype=prob.dtype, device=prob.device)
+    grid = F.affine_grid(theta[None], [1, prob.shape[0], size[0], size[1]], align_corners=False)
+    return F.grid_sample(prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
 def patch_scores(previous: torch.Tensor, boxes: list, shape: tuple[int, int]) -> list[float]:
     """Each patch's mean uncertainty 1 − certainty, read on the previous stage's canvas ``previous``
     ``(C, h', w')`` over the patch's footprint (boxes are in pixels of this scale's ``shape``): the ranking of
@@ -585,8 +600,7 @@ def refine_scale(
     for start in range(0, len(keep), batch_size):
         chosen = keep[start : start + batch_size]
         fine = forward.segment(window.read([map_box(boxes[i], shape, window.shape) for i in chosen], model_input))
-        coarse = _resize(torch.stack([canvas[:, y0:y1, x0:x1] for y0, x0, y1, x1 in (boxes[i] for i in chosen)]),
-                         model_input)
+        coarse = torch.stack([crop_probabilities(previous, boxes[i], shape, model_input) for i in chosen])
         refined = torch.softmax(forward.refine(coarse, fine), dim=1)
         query = query_score(refined, coarse, schedule.median_kernel)
         for j, i in enumerate(chosen):
@@ -604,7 +618,10 @@ def refine_scale(
     for (box, refined, query, _), mask in zip(parts, masks):
         y0, x0, y1, x1 = box
         region = canvas[:, y0:y1, x0:x1]
-        region.copy_(torch.where(mask, refined, region))
+        if region.device.type == "cpu":  # in place, no temporary canvas-sized copy (~4× faster)
+            np.copyto(region.numpy(), refined.numpy(), where=mask.numpy())
+        else:
+            region.copy_(torch.where(mask, refined, region))
         query_map[y0:y1, x0:x1] = query
         replaced[y0:y1, x0:x1] = mask
     record = {

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from napari_uhrseg.methods.base import load_checkpoint
 from napari_uhrseg.methods.magnet import (
@@ -25,6 +24,7 @@ from napari_uhrseg.methods.magnet import (
     _input_shape,
     _scale_shapes,
     build_net,
+    crop_probabilities,
     get_schedule,
     normalisation_of,
     patch_boxes,
@@ -52,17 +52,6 @@ def _read_crop(image: np.ndarray, labels: np.ndarray, box, size: tuple[int, int]
     rgb = WindowPixels(image).read([(y0, x0, y1, x1)], size)[0]
     lab = cv2.resize(labels[y0:y1, x0:x1], (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
     return rgb, lab
-
-
-def _crop_probabilities(prob: torch.Tensor, box, window_shape, size) -> torch.Tensor:
-    """Bilinear crop of window-wide probabilities ``(C, h, w)`` (any resolution) to window-pixel ``box``,
-    sampled at ``size`` — the coarse input of a training pair."""
-    y0, x0, y1, x1 = box
-    H, W = window_shape
-    theta = torch.tensor([[(x1 - x0) / W, 0, (x0 + x1) / W - 1], [0, (y1 - y0) / H, (y0 + y1) / H - 1]],
-                         dtype=prob.dtype)
-    grid = F.affine_grid(theta[None], [1, prob.shape[0], size[0], size[1]], align_corners=False)
-    return F.grid_sample(prob[None], grid, mode="bilinear", align_corners=False)[0]
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -114,7 +103,7 @@ def refiner_batch(net: MagNetNet, samples, coarse, schedule: Schedule, rng, batc
         finer = scales[1:] or scales
         box = _crop_box(finer[rng.integers(len(finer))], crop, image.shape[:2], rng)
         rgb, lab = _read_crop(image, labels, box, size)
-        c = _crop_probabilities(coarse[i], box, image.shape[:2], size)
+        c = crop_probabilities(coarse[i], box, image.shape[:2], size)
         if rng.random() < 0.5:
             rgb, lab, c = rgb.flip(-1), lab[:, ::-1], c.flip(-1)
         coarse_in.append(c)
