@@ -53,9 +53,13 @@ def train(args, device: str) -> Path:
 
         data, install = frozen_grnet(model, data, crop_pool=args.crop_pool, pool_refresh=args.pool_refresh,
                                      seed=args.seed, cache_mb=args.cache_mb)
+    if args.freeze_global:  # the whole G-branch fixed (weights and batch norms): only PPN, R-branch, aggregation
+        from napari_uhrseg.engine.scribbles import freeze_backbones
+
+        freeze_backbones(model.global_branch)
     trainer = GRNetTrainer(model, cfg, data, [], class_names=DEEPGLOBE_CLASSES, class_colors=DEEPGLOBE_COLORS,
                            ignore_index=0, total_steps=10**9, batch_size=cfg["batch_size"], device=device,
-                           round_steps=args.round_steps,
+                           round_steps=10**9 if args.ppn_only else args.round_steps, ppn_labels=args.ppn_labels,
                            extra_meta={"trained_on": "deepglobe " + ",".join(split["train"]),
                                        "frozen_backbone": bool(args.frozen_backbones)})
     if install is not None:
@@ -67,19 +71,23 @@ def train(args, device: str) -> Path:
              if args.frozen_backbones else ""), flush=True)
     # calibrate: time a few steps of each kind, then fix the schedule (G-branch share, rounds) for the budget
     t0 = time.perf_counter()
-    trainer.global_steps = 10**9
-    for i in range(3):
-        trainer.train_step(i)
-    t_global = (time.perf_counter() - t0) / 3
+    t_global = 0.0
+    if cfg["global_share"] > 0:  # (no G-branch steps to time when there are none)
+        trainer.global_steps = 10**9
+        for i in range(3):
+            trainer.train_step(i)
+        t_global = (time.perf_counter() - t0) / 3
     def timed(step, n=2):  # the last of n steps: the first of a kind pays one-off costs (optimiser set-up, imports)
         for _ in range(n):
             t = time.perf_counter()
             step()
         return time.perf_counter() - t
 
-    t_main, t_ppn = timed(trainer._main_step), timed(trainer._ppn_step)
+    t_main = 0.0 if args.ppn_only else timed(trainer._main_step)
+    t_ppn = timed(trainer._ppn_step)
     # after the G-branch share, PPN and Mainbody rounds alternate: half of the remaining steps each
-    per_step = cfg["global_share"] * t_global + (1 - cfg["global_share"]) * (t_main + t_ppn) / 2
+    per_step = cfg["global_share"] * t_global + (1 - cfg["global_share"]) * (
+        t_ppn if args.ppn_only else (t_main + t_ppn) / 2)
     total = max(8, int((budget - (time.perf_counter() - t0)) / per_step))
     if args.max_steps:
         total = min(total, args.max_steps)
@@ -205,6 +213,13 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, help="learning rate (default: the preset's; 3e-4 with --frozen-backbones)")
     p.add_argument("--frozen-backbones", action="store_true",
                    help="train as `uhrseg train --frozen-backbones` does: ImageNet trunks fixed, features cached")
+    p.add_argument("--freeze-global", action="store_true",
+                   help="with --init: keep the whole G-branch of that checkpoint fixed (no G-branch steps); only the "
+                        "PPN, the R-branch and the aggregation learn, so the G-branch cannot overfit meanwhile")
+    p.add_argument("--ppn-labels", choices=["paper", "gain"], default="paper",
+                   help="PPN targets: the paper's Eq. (1), or the patches where refining gains most (gain_labels)")
+    p.add_argument("--ppn-only", action="store_true",
+                   help="with --init: train only the PPN (every step a PPN step); the rest stays as loaded")
     p.add_argument("--crop-pool", type=int, default=32)
     p.add_argument("--pool-refresh", type=int, default=0)
     p.add_argument("--cache-mb", type=int, default=384)
@@ -212,6 +227,12 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--timing-tiles", type=int, default=3, help="test tiles timed per configuration")
     args = p.parse_args(argv)
+    if args.freeze_global and not args.init:
+        p.error("--freeze-global keeps the G-branch of the --init checkpoint: give --init")
+    if args.ppn_only and not args.init:
+        p.error("--ppn-only trains the PPN of the --init checkpoint: give --init")
+    if args.freeze_global or args.ppn_only:
+        args.global_share = 0.0
 
     from napari_uhrseg.device import select_device
 

@@ -78,6 +78,43 @@ def test_ppn_labels_follow_equation_1():
     assert torch.equal(labels[0], expected)
 
 
+def test_gain_labels_mark_the_patches_refinement_helps_most(monkeypatch):
+    # G-branch: class 0 everywhere. Truth: class 1 in cells 5, 9 and 10. The refinement gets 5 and 9 right
+    # and not 10; cell 0 is unlabelled. Gain labels: 1 at 5 and 9 only (the top quarter by gain, gain > 0).
+    cfg = tiny_cfg()
+    model = GRNet(cfg, 2, pretrained=False)
+    trainer = GRNetTrainer(model, cfg, None, [], class_names=["u", "a", "b"], total_steps=1, batch_size=1,
+                           ppn_labels="gain")
+    target = torch.zeros(1, 64, 64, dtype=torch.long)
+    for i in (5, 9, 10):
+        r, c = divmod(i, 4)
+        target[0, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = 1
+    target[0, :16, :16] = IGNORE
+    logits_g = torch.zeros(1, 2, 16, 16)
+    logits_g[:, 0] = 5
+
+    def refine(patches, feat, logits):
+        assert patches.shape[0] == 16 and torch.equal(logits, logits_g[0].unfold(1, 4, 4).unfold(2, 4, 4)
+                                                      .permute(1, 2, 0, 3, 4).reshape(16, 2, 4, 4))
+        agg = torch.zeros(16, 2, 8, 8)
+        agg[:, 0] = 5
+        agg[[5, 9], 1] = 10
+        return agg, None
+
+    monkeypatch.setattr(model, "refine", refine)
+    x = torch.rand(1, 3, 64, 64)
+    labels, mask = trainer.gain_labels(x, torch.zeros(1, 4, 16, 16), logits_g, target, grid=4)
+    expected_mask = torch.ones(16, dtype=torch.bool)
+    expected_mask[0] = False
+    assert torch.equal(mask[0], expected_mask)
+    expected = torch.zeros(16)
+    expected[[5, 9]] = 1
+    assert torch.equal(labels[0], expected)
+    with pytest.raises(Exception, match="ppn_labels"):
+        GRNetTrainer(model, cfg, None, [], class_names=["u", "a", "b"], total_steps=1, batch_size=1,
+                     ppn_labels="oracle")
+
+
 def test_sparse_label_training_lowers_the_loss():
     torch.manual_seed(0)
     cfg = tiny_cfg(global_share=0.5, lr=1e-3)

@@ -45,6 +45,9 @@ from napari_uhrseg.nn.losses import focal_loss
 
 IGNORE = -100  # target value of unlabelled pixels inside the network code
 MODES = ("ppn", "global", "all")
+# PPN training targets: "paper" = Eq. (1), the G-branch's per-patch vs whole-window mIoU; "gain" = where refining
+# helps most (GRNetTrainer.gain_labels)
+PPN_LABELS = ("paper", "gain")
 
 
 # --------------------------------------------------------------------------------------------------- network
@@ -344,7 +347,11 @@ class GRNetTrainer:
 
     def __init__(self, model: GRNet, cfg: dict, data, val_windows, *, class_names, class_colors=None,
                  ignore_index=0, total_steps: int, batch_size: int, device: str = "cpu", round_steps: int = 25,
-                 max_train_patches: int = 4, settings: GRNetSettings | None = None, half: bool = False, extra_meta=None):
+                 max_train_patches: int = 4, settings: GRNetSettings | None = None, half: bool = False, extra_meta=None,
+                 ppn_labels: str = "paper"):
+        if ppn_labels not in PPN_LABELS:
+            raise UhrsegError(f"ppn_labels is one of {PPN_LABELS}, not {ppn_labels!r}")
+        self.ppn_label_rule = ppn_labels
         self.model, self.cfg, self.data, self.val_windows = model.to(device), cfg, data, val_windows
         self.class_names, self.class_colors, self.ignore_index = class_names, class_colors, ignore_index
         self.total, self.batch, self.device = total_steps, batch_size, device
@@ -413,13 +420,47 @@ class GRNetTrainer:
                     labels[n, i] = float(miou(conf[i]) < whole)
         return labels, mask
 
+    def gain_labels(self, x: torch.Tensor, feat_g: torch.Tensor, logits_g: torch.Tensor, targets: torch.Tensor,
+                    grid: int, min_points: int = 16, max_points: int = 4096):
+        """The alternative to Eq. (1) (``ppn_labels="gain"``): label 1 for the patches where the current R-branch
+        and aggregation help most -- among the quarter of a crop's patches whose refined prediction labels the
+        most more of their labelled pixels correctly than the G-branch's, those where that gain is positive.
+        Every patch of the crop is refined (no gradients) to measure it. Returns (labels, mask) as ``ppn_labels``."""
+        m, side = self.model, x.shape[-1]
+        cell, gcell, r = side // grid, feat_g.shape[-1] // grid, self.cfg["refine_size"]
+        labels = torch.zeros(targets.shape[0], grid * grid, device=targets.device)
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        for n in range(x.shape[0]):
+            cells = [cell_slices(cell, i, grid) for i in range(grid * grid)]
+            gcells = [cell_slices(gcell, i, grid) for i in range(grid * grid)]
+            p = F.interpolate(torch.stack([x[n, :, ys, xs] for ys, xs in cells]), size=(r, r), mode="bilinear",
+                              align_corners=False, antialias=cell > r)
+            agg, _ = m.refine(p, torch.stack([feat_g[n, :, gy, gx] for gy, gx in gcells]),
+                              torch.stack([logits_g[n, :, gy, gx] for gy, gx in gcells]))
+            gains = {}
+            for i, ((ys, xs), (gy, gx)) in enumerate(zip(cells, gcells)):
+                tg = targets[n, ys, xs]
+                py, px, cls = labelled_points(tg, max_points)
+                if cls.numel() < min_points:
+                    continue
+                refined = sample_logits(agg[i], py, px, tg.shape).argmax(1)
+                alone = sample_logits(logits_g[n, :, gy, gx], py, px, tg.shape).argmax(1)
+                gains[i] = float((refined == cls).float().mean() - (alone == cls).float().mean())
+            mask[n, list(gains)] = True
+            for i in sorted(gains, key=lambda i: -gains[i])[: max(1, len(gains) // 4)]:
+                labels[n, i] = float(gains[i] > 0)
+        return labels, mask
+
     def _ppn_step(self):
         x, t = self._batch()
         grid = self.train_grid
         self.model.eval()
         with torch.no_grad():
-            (_, logits_g), x_g = self.model.forward_global(x, self.train_global)
-        labels, mask = self.ppn_labels(logits_g, t, grid)
+            (feat_g, logits_g), x_g = self.model.forward_global(x, self.train_global)
+            if self.ppn_label_rule == "gain":
+                labels, mask = self.gain_labels(x, feat_g, logits_g, t, grid)
+        if self.ppn_label_rule == "paper":
+            labels, mask = self.ppn_labels(logits_g, t, grid)
         self.model.ppn.train()
         logits = self.model.ppn(x_g, grid)
         if not bool(mask.any()):
