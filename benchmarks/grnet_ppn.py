@@ -1,6 +1,7 @@
 """GRNet/PPN benchmark on DeepGlobe: train the fast preset within a time budget, then evaluate on the held-out
-tiles, in one run on the same windows: G-branch only, all 16 patches refined, and GRNet+PPN (the paper's
-p >= 0.5 rule and top-k rules).
+tiles, in one run on the same windows: G-branch only, all 16 patches refined, GRNet+PPN (the paper's
+p >= 0.5 rule and top-k rules) and GRNet with the patches ranked by the G-branch's doubt instead of PPN
+(``G-doubt top-k``, the fast preset's rule since 2026-12-03).
 
 Split: ``napari_uhrseg.datasets.deepglobe_split()`` (train 6 tiles, test 10452, 2774, 6399). mIoU over the six
 real classes (label 0 "unknown" ignored), pooled confusion matrix over the test tiles; one 2448² window per tile.
@@ -127,10 +128,16 @@ def configurations(rules: str) -> list[tuple[str, dict]]:
     confs = [("G-branch only", {"mode": "global"}), ("all 16 refined", {"mode": "all"})]
     for rule in rules.split(","):
         kind, _, val = rule.partition(":")
+        # a leading "u" ranks the patches by the G-branch's doubt instead of PPN (scorer "uncertainty")
+        scorer, who = ("uncertainty", "G-doubt") if kind.startswith("u") else ("ppn", "GRNet+PPN")
+        kind = kind[1:] if scorer == "uncertainty" else kind
+        base = {"mode": "ppn", "scorer": scorer}
         if kind == "threshold":
-            confs.append((f"GRNet+PPN p>={val}", {"mode": "ppn", "selection": "threshold", "threshold": float(val)}))
+            confs.append((f"{who} p>={val}", {**base, "selection": "threshold", "threshold": float(val)}))
+        elif kind == "topk":
+            confs.append((f"{who} top-{val}", {**base, "selection": "topk", "top_k": int(val)}))
         else:
-            confs.append((f"GRNet+PPN top-{val}", {"mode": "ppn", "selection": "topk", "top_k": int(val)}))
+            raise SystemExit(f"--rules: {rule!r} is not threshold:P, topk:K, uthreshold:P or utopk:K")
     return confs
 
 
@@ -204,7 +211,10 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="evaluate this checkpoint instead of training")
     p.add_argument("--init", help="train on from this checkpoint's weights (e.g. with --global-share 0)")
     p.add_argument("--out", default="bench_out/grnet_deepglobe.pt")
-    p.add_argument("--rules", default="threshold:0.5,topk:2,topk:4,topk:6")
+    p.add_argument("--rules", default="threshold:0.5,topk:2,topk:4,topk:6,utopk:2,utopk:4,utopk:6",
+                   help="selection rules, comma-separated: threshold:P, topk:K (PPN), uthreshold:P, utopk:K (patches "
+                        "ranked by the G-branch's doubt, no PPN)")
+    p.add_argument("--json", help="where to write the figures (default: next to --out / --checkpoint)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--crop", type=int, default=1224, help="training crop (px); 1224 = half a window")
     p.add_argument("--global-share", type=float, default=0.3)
@@ -270,7 +280,8 @@ def main(argv=None) -> int:
     g_only = results["configs"]["G-branch only"]["miou"]
     print("best possible selection from this R-branch (patches ranked by their measured gain; an upper bound for "
           "PPN): " + ", ".join(f"{k} {100 * v:.2f} ({100 * (v - g_only):+.2f})" for k, v in results["oracle"].items()))
-    out_json = Path(args.out).with_suffix(".json") if not args.checkpoint else Path(args.checkpoint).with_suffix(".json")
+    out_json = Path(args.json) if args.json else (
+        Path(args.out).with_suffix(".json") if not args.checkpoint else Path(args.checkpoint).with_suffix(".json"))
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2))
     print(f"figures: {out_json}")

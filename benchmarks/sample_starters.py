@@ -1,6 +1,6 @@
 """The shipped starter checkpoints on the sample scene (what `make demo` and a first Segment press use), in one
-run on the same held-out windows: GRNet/PPN (its stored selection rule; beside it the G-branch alone and every
-patch refined), the MagNet backbone alone, MagNet and MagNet-Fast.
+run on the same held-out windows: GRNet/PPN (its stored selection rule; beside it the same number of patches
+ranked by the G-branch's doubt, the G-branch alone and every patch refined), the MagNet backbone alone, MagNet and MagNet-Fast.
 
 Held out: the bottom 15 % of the 3072² sample scene (rows 2612–3071; ``SAMPLE_SCENE``), as three 1024 × 460
 windows. The GRNet starter trained on the rows above them; the MagNet starter on the top-left 2048² of the same
@@ -28,12 +28,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `import napari_uhrseg`
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from napari_uhrseg.cli.segment import build_method  # noqa: E402
+from napari_uhrseg.cli.segment import build_method, set_selection  # noqa: E402
 from napari_uhrseg.methods.magnet import certainty_map  # noqa: E402
 from napari_uhrseg.metrics import ConfusionMatrix  # noqa: E402
 from napari_uhrseg.synthetic import SAMPLE_SCENE, SyntheticScene  # noqa: E402
 
-CONFIGS = ("grnet", "grnet-global", "grnet-all", "backbone", "magnet", "magnet-fast")
+CONFIGS = ("grnet", "grnet-doubt", "grnet-global", "grnet-all", "backbone", "magnet", "magnet-fast")
 GRNET_MODES = {"grnet-global": "global", "grnet-all": "all"}  # the G-branch alone; every patch refined
 TOP_SHARE = 0.10
 HELD_OUT_FRACTION = 0.15
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     checkpoints = {"grnet": args.grnet, "magnet": args.magnet, "magnet-fast": args.magnet}
     methods = {name: build_method(name, ckpt, "cpu") for name, ckpt in checkpoints.items()}
     methods.update({name: build_method("grnet", args.grnet, "cpu", mode=mode) for name, mode in GRNET_MODES.items()})
+    # the stored rule's k, the patches ranked by the G-branch's doubt instead of PPN (the fast preset's default)
+    methods["grnet-doubt"] = build_method("grnet", args.grnet, "cpu")
+    set_selection(methods["grnet-doubt"], scorer="uncertainty")
     windows = held_out_windows(scene)
     data = []
     for y0, x0, h, w in windows:

@@ -11,6 +11,7 @@ import tifffile
 
 from _segment_helpers import ChannelMethod, channel_probabilities, channel_scene, write_channel_checkpoint
 from napari_uhrseg.cli import main
+from napari_uhrseg.cli.segment import default_overlays_path
 from napari_uhrseg.engine.overlays import read_overlays
 from napari_uhrseg.io.labels import open_label_store
 from napari_uhrseg.io.pyramid import open_pyramid
@@ -136,6 +137,33 @@ def test_patch_batch_applies_to_grnet_only_and_must_be_positive(scene, tmp_path,
     assert grnet.settings.patch_batch == 2
     with pytest.raises(UhrsegError, match="at least 1"):
         set_patch_batch(grnet, 0)
+
+
+def test_grnet_selection_flags(scene, tmp_path, capsys):
+    from napari_uhrseg.cli.segment import build_method, set_selection
+    from napari_uhrseg.errors import UhrsegError
+
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), "--top-k", "2"]) == 2
+    assert "apply to grnet only" in capsys.readouterr().err
+    grnet = build_method("grnet", None, "cpu")  # the shipped starter
+    set_selection(grnet, scorer="uncertainty", top_k=6)
+    s = grnet.settings
+    assert (s.scorer, s.selection, s.top_k) == ("uncertainty", "topk", 6)
+    set_selection(grnet, threshold=0.4)
+    assert (s.scorer, s.selection, s.threshold) == ("uncertainty", "threshold", 0.4)
+    with pytest.raises(UhrsegError, match="between 1 and the 16"):
+        set_selection(grnet, top_k=17)
+    with pytest.raises(UhrsegError, match=r"in \[0, 1\]"):
+        set_selection(grnet, threshold=1.5)
+    # on the command line: the doubt-ranked top-2 refines 2 patches of every window, as the overlays say
+    out = tmp_path / "g.zarr"
+    assert main(["segment", str(path), "-o", str(out), "--scorer", "uncertainty", "--top-k", "2",
+                 "--window", "256", "--overlap", "32", "--quiet"]) == 0
+    records = read_overlays(default_overlays_path(out))
+    windows = {r["window"] for r in records}
+    assert sum(r["selected"] for r in records) == 2 * len(windows) > 0
 
 
 def test_an_overlap_too_large_for_the_window_is_a_clear_error(scene, tmp_path, capsys):

@@ -9,7 +9,8 @@ import torch
 from napari_uhrseg.errors import CheckpointError
 from napari_uhrseg.methods import get_method
 from napari_uhrseg.methods.base import save_checkpoint
-from napari_uhrseg.methods.grnet_ppn import GRNet, GRNetMethod, GRNetSettings, checkpoint_meta, select_patches
+from napari_uhrseg.methods.grnet_ppn import (GRNet, GRNetMethod, GRNetSettings, checkpoint_meta, patch_uncertainty,
+                                             select_patches)
 from napari_uhrseg.methods.presets import GRNET_PRESETS, grnet_preset
 
 torch.set_num_threads(1)
@@ -96,6 +97,45 @@ def test_select_patches_rules():
     assert select_patches(prob, "topk", top_k=2, valid=valid).tolist() == [False, True, True, False]
     with pytest.raises(ValueError):
         select_patches(prob, "random")
+
+
+def test_patch_uncertainty_is_the_mean_doubt_of_each_patch():
+    logits = torch.zeros(1, 3, 8, 8)
+    logits[0, 0] = 10.0  # class 0 certain everywhere ...
+    logits[0, :, :4, 4:] = 0.0  # ... except the top-right patch of a 2 x 2 grid: a three-way tie
+    logits[0, 1, 4:, :4] = 10.0  # bottom-left: a tie between classes 0 and 1
+    u = patch_uncertainty(logits, 2)
+    assert u.shape == (4,)
+    np.testing.assert_allclose(u.numpy(), [0.0, 1.0, 1.0, 0.0], atol=1e-3)
+
+
+def test_uncertainty_scorer_refines_the_most_doubtful_patches_without_ppn(model, monkeypatch):
+    win = window(128, 128, 3)
+    m = method(model, selection="topk", top_k=3, scorer="uncertainty")
+    monkeypatch.setattr(model.ppn, "forward", lambda *a, **k: pytest.fail("PPN ran with the uncertainty scorer"))
+    pred = m.predict(win)
+    assert model.refine_calls == 3
+    with torch.inference_mode():
+        x = torch.from_numpy(win).permute(2, 0, 1)[None].float() / 255
+        (_, logits_g), _ = model.forward_global(x)
+    doubt = patch_uncertainty(logits_g, 4)
+    patches = pred.artefacts["patches"]
+    np.testing.assert_allclose([p["probability"] for p in patches], doubt.numpy(), atol=1e-3)
+    chosen = {i for i, p in enumerate(patches) if p["selected"]}
+    assert chosen == set(torch.topk(doubt, 3).indices.tolist())
+    with pytest.raises(ValueError, match="scorer"):
+        GRNetSettings(scorer="random")
+
+
+def test_the_fast_preset_ranks_by_doubt_and_checkpoints_keep_their_rule(model, tmp_path):
+    assert GRNET_PRESETS["fast"]["scorer"] == "uncertainty" and GRNET_PRESETS["paper"]["scorer"] == "ppn"
+    cfg = tiny_cfg()
+    meta = checkpoint_meta(cfg, NAMES, None, 0, model, GRNetSettings(selection="topk", top_k=2, scorer="uncertainty"))
+    path = save_checkpoint(tmp_path / "u.pt", model.state_dict(), meta)
+    assert GRNetMethod.from_checkpoint(path).settings.scorer == "uncertainty"
+    meta.pop("scorer")  # a checkpoint made before the scorer existed meant PPN
+    path = save_checkpoint(tmp_path / "old.pt", model.state_dict(), meta)
+    assert GRNetMethod.from_checkpoint(path).settings.scorer == "ppn"
 
 
 def save(model, path, names=NAMES, method_name="grnet", half=False):

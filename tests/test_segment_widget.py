@@ -177,3 +177,26 @@ def test_the_dock_follows_the_shared_checkpoint_and_takes_its_window(setup, tmp_
     assert widget.checkpoint_path() == str(trained) and widget.window_spin.value() == 96
     result = widget.segment(sync=True)
     assert result.windows_total > 1 and max(max(shape) for shape in widget._method.calls) == 96
+
+
+def test_refine_patches_choice_sets_grnets_rule(setup):
+    """The dock's "Refine patches" choice reaches GRNet: the G-branch's 4 most doubtful patches of each window
+    are refined (the PPN layer marks them), or none with "none (G-branch only)"; it is greyed out for others."""
+    viewer, widget, layer, pyr, _ = setup
+    assert not widget.patches_combo.isEnabled()  # test-channels has no patches to choose
+    widget.method_combo.setCurrentText("grnet")  # the shipped starter
+    assert widget.patches_combo.isEnabled()
+    widget.window_spin.setValue(256)
+    widget.patches_combo.setCurrentText("4 most doubtful (G-branch)")
+    result = widget.segment(sync=True)
+    s = widget._method.settings
+    assert (s.scorer, s.selection, s.top_k, s.mode) == ("uncertainty", "topk", 4, "ppn")
+    per_window = {}
+    for r in result.overlays:
+        per_window[r["window"]] = per_window.get(r["window"], 0) + r["selected"]
+    assert len(per_window) == result.windows_total > 1 and set(per_window.values()) == {4}
+    shapes = viewer.layers["scene PPN patches"]
+    assert int(np.sum(shapes.features["selected"])) == 4 * result.windows_total
+    widget.patches_combo.setCurrentText("none (G-branch only)")
+    result = widget.segment(sync=True)
+    assert widget._method.settings.mode == "global" and not any(r["selected"] for r in result.overlays)

@@ -43,6 +43,13 @@ def register(sub) -> None:
     p.add_argument("--region", default=None, help="y0,x0,y1,x1 in level-0 pixels (default: whole image)")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="GRNet: refine the patches PPN selects (ppn), all patches (all) or none (global)")
+    p.add_argument("--scorer", choices=["ppn", "uncertainty"], default=None,
+                   help="GRNet: what ranks the patches: PPN (the paper) or the G-branch's doubt (uncertainty); "
+                        "default: the checkpoint's rule")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--top-k", type=int, default=None, help="GRNet: refine the K best-ranked patches of a window")
+    sel.add_argument("--threshold", type=float, default=None,
+                     help="GRNet: refine the patches whose score is at least P (the paper's rule with P = 0.5)")
     p.add_argument("--patch-batch", type=int, default=None,
                    help="GRNet: patches per R-branch call (default 4 on the CPU, 16 on a GPU; it sets the "
                         "window's peak memory)")
@@ -71,6 +78,7 @@ def run(args) -> int:
     method = build_method(args.method, args.checkpoint, choice.device, args.mode)
     if args.patch_batch is not None:
         set_patch_batch(method, args.patch_batch)
+    set_selection(method, scorer=args.scorer, top_k=args.top_k, threshold=args.threshold)
     pyramid = open_pyramid(args.image)
     _say(args, f"uhrseg segment: {pyramid.name} {pyramid.shape[0]} x {pyramid.shape[1]} px, level {args.level}, "
                f"method {method.name}, {choice.describe()}")
@@ -201,6 +209,27 @@ def set_patch_batch(method, n: int) -> None:
     if n < 1:
         raise UhrsegError(f"--patch-batch must be at least 1, not {n}.")
     settings.patch_batch = int(n)
+
+
+def set_selection(method, *, scorer: str | None = None, top_k: int | None = None,
+                  threshold: float | None = None) -> None:
+    """GRNet's patch selection: what ranks the patches (``scorer``) and the rule (``top_k`` K or
+    ``threshold`` P); None keeps the checkpoint's."""
+    if scorer is None and top_k is None and threshold is None:
+        return
+    settings = getattr(method, "settings", None)
+    if settings is None or not hasattr(settings, "scorer"):
+        raise UhrsegError(f"Method {method.name!r} has no --scorer / --top-k / --threshold; they apply to grnet only.")
+    if top_k is not None:
+        if not 1 <= top_k <= settings.grid ** 2:
+            raise UhrsegError(f"--top-k must be between 1 and the {settings.grid ** 2} patches of a window, not {top_k}.")
+        settings.selection, settings.top_k = "topk", int(top_k)
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise UhrsegError(f"--threshold is a score in [0, 1], not {threshold}.")
+        settings.selection, settings.threshold = "threshold", float(threshold)
+    if scorer is not None:
+        settings.scorer = scorer
 
 
 @contextlib.contextmanager

@@ -160,6 +160,17 @@ def select_patches(prob: torch.Tensor, rule: str, threshold: float = 0.5, top_k:
     raise ValueError(f"selection rule must be 'threshold' or 'topk', not {rule!r}")
 
 
+SCORERS = ("ppn", "uncertainty")
+
+
+def patch_uncertainty(logits_g: torch.Tensor, grid: int) -> torch.Tensor:
+    """Per-patch score without PPN (``scorer="uncertainty"``): the mean over each patch of one minus the
+    G-branch's certainty (top-1 minus top-2 class probability), (grid²,) in [0, 1], row-major like the patches."""
+    top2 = logits_g[0].float().softmax(0).topk(2, dim=0).values
+    doubt = (1.0 - (top2[0] - top2[1]))[None, None]
+    return F.adaptive_avg_pool2d(doubt, grid).flatten().cpu()
+
+
 # --------------------------------------------------------------------------------------------------- the method
 @dataclass
 class GRNetSettings:
@@ -170,6 +181,13 @@ class GRNetSettings:
     threshold: float = 0.5
     top_k: int = 4
     mode: str = "ppn"
+    scorer: str = "ppn"  # "uncertainty": rank patches by the G-branch's doubt instead of PPN (patch_uncertainty)
+
+    def __post_init__(self):
+        if self.scorer not in SCORERS:
+            raise ValueError(f"scorer must be one of {SCORERS}, not {self.scorer!r}")
+        if self.selection not in ("threshold", "topk"):
+            raise ValueError(f"selection rule must be 'threshold' or 'topk', not {self.selection!r}")
     patch_batch: int | None = None  # None: CPU_PATCH_BATCH on the CPU, GPU_PATCH_BATCH elsewhere
 
 
@@ -217,7 +235,7 @@ class GRNetMethod(Method):
         except RuntimeError as exc:
             raise CheckpointError(f"Checkpoint {os.fspath(path)} does not match the GRNet '{meta['preset']}' "
                                   f"architecture ({str(exc)[:200]}): it was made by another version.") from None
-        base = {k2: meta[k2] for k2 in ("grid", "selection", "threshold", "top_k") if k2 in meta}
+        base = {k2: meta[k2] for k2 in ("grid", "selection", "threshold", "top_k", "scorer") if k2 in meta}
         base.update({k2: v for k2, v in settings.items() if v is not None})
         return cls(model, meta["class_names"], ignore_index=ignore, settings=GRNetSettings(**base),
                    device=device, meta=meta)
@@ -255,7 +273,12 @@ class GRNetMethod(Method):
         feat_g, logits_g = m.global_branch(x_g)
         valid = torch.tensor([(r * cell < h) and (c * cell < w) for r in range(grid) for c in range(grid)])
         if mode == "ppn":
-            prob = torch.sigmoid(m.ppn(x_g, grid))[0].float().cpu()
+            if self.settings.scorer == "uncertainty":
+                prob = patch_uncertainty(logits_g, grid)
+            elif self.settings.scorer == "ppn":
+                prob = torch.sigmoid(m.ppn(x_g, grid))[0].float().cpu()
+            else:
+                raise ValueError(f"scorer must be one of {SCORERS}, not {self.settings.scorer!r}")
             chosen = select_patches(prob, self.settings.selection, self.settings.threshold, self.settings.top_k, valid)
         else:
             prob = torch.full((grid * grid,), float("nan"))
@@ -335,7 +358,7 @@ def checkpoint_meta(cfg: dict, class_names, class_colors, ignore_index, model: G
         "backbone": {"global": cfg["global_backbone"], "refine": cfg["refine_backbone"], "ppn": cfg["ppn_backbone"]},
         "architecture": {k: cfg[k] for k in GRNET_ARCH_KEYS},
         "window": int(cfg["window"]), "grid": settings.grid, "selection": settings.selection,
-        "threshold": settings.threshold, "top_k": settings.top_k, **extra,
+        "threshold": settings.threshold, "top_k": settings.top_k, "scorer": settings.scorer, **extra,
     }
 
 
@@ -357,7 +380,8 @@ class GRNetTrainer:
         self.total, self.batch, self.device = total_steps, batch_size, device
         self.global_steps = int(round(cfg["global_share"] * total_steps))
         self.round_steps, self.max_train_patches, self.half = round_steps, max_train_patches, half
-        self.settings = settings or GRNetSettings(cfg["grid"], cfg["selection"], cfg["threshold"], cfg["top_k"])
+        self.settings = settings or GRNetSettings(cfg["grid"], cfg["selection"], cfg["threshold"], cfg["top_k"],
+                                                  scorer=cfg.get("scorer", "ppn"))
         self.extra_meta = dict(extra_meta or {})
         # Crops smaller than the window keep every scale of inference: the G-branch input shrinks in proportion
         # and the crop holds fewer patches of the same size (e.g. 1224 px crops of a 2448 px window: G input 256,
@@ -593,7 +617,10 @@ def _parser():
                    help="with --frozen-backbones: augmented crops drawn once and reused (their features cached)")
     p.add_argument("--pool-refresh", type=_count(0), default=0,
                    help="with --frozen-backbones: replace one pool crop every N steps (0 = never)")
-    p.add_argument("--selection", choices=["threshold", "topk"], help="PPN rule stored as the default")
+    p.add_argument("--selection", choices=["threshold", "topk"], help="selection rule stored as the default")
+    p.add_argument("--scorer", choices=list(SCORERS),
+                   help="what ranks the patches by default: ppn (the paper) or uncertainty (the G-branch's doubt; "
+                        "the fast preset's default); PPN is trained either way")
     p.add_argument("--threshold", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--global-share", type=float, help="share of steps training the G-branch alone")
@@ -689,7 +716,7 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             args.lr = FROZEN_LR
         cfg = grnet_preset(preset, lr=args.lr, batch_size=args.batch_size, window=args.window, grid=grid,
                            selection=args.selection, threshold=args.threshold, top_k=args.top_k,
-                           global_share=args.global_share, **overrides)
+                           scorer=args.scorer, global_share=args.global_share, **overrides)
         cfg["crop"] = args.crop or cfg["window"]
         items, names, colors, ignore_zero, source = load_training_data(args)
         train_items, val_items = split_train_val(items, args.val_share)

@@ -15,7 +15,7 @@ GRNET_PRESETS: dict[str, dict] = {
         "ppn_backbone": "resnet18", "ppn_stages": 4,
         "global_size": 512, "refine_size": 512,
         "fpn_channels": 256, "aggregation_channels": 256, "aggregation_residual": False,
-        "grid": 4, "selection": "threshold", "threshold": 0.5, "top_k": 4,
+        "grid": 4, "selection": "threshold", "threshold": 0.5, "top_k": 4, "scorer": "ppn",
         "window": 2448, "lr": 1e-4, "weight_decay": 5e-4, "gamma": 3.0, "batch_size": 10,
         "global_share": 0.08,  # 10 of ~130 epochs train the G-branch alone
     },
@@ -36,7 +36,10 @@ GRNET_PRESETS: dict[str, dict] = {
         # On the DeepGlobe benchmark the paper's p >= 0.5 refined half the patches (1.24 s a window, only 1.46x
         # faster than refining all 16) for no gain over the 4 most probable (30.72 vs 30.67 mIoU; 0.65 s, 2.8x):
         # top-4 is this preset's rule (docs/methods/grnet.md).
-        "grid": 4, "selection": "topk", "threshold": 0.5, "top_k": 4,
+        # And the 4 patches are the G-branch's most doubtful (mean of 1 - top-1 + top-2 probability), not PPN's
+        # choice: with the G-branch kept fixed while the rest trained, doubt's top-4 gained +2.23 mIoU over the
+        # G-branch, PPN's top-4 +0.49, all 16 patches +2.32 (docs/benchmarks.md, 2026-12-03).
+        "grid": 4, "selection": "topk", "threshold": 0.5, "top_k": 4, "scorer": "uncertainty",
         "window": 2448, "lr": 1e-4, "weight_decay": 5e-4, "gamma": 3.0, "batch_size": 2,
         "global_share": 0.3,
     },

@@ -40,6 +40,17 @@ from napari_uhrseg.widgets._common import (
 from napari_uhrseg.widgets.state import get_state
 
 REGIONS = ("Whole image", "Current view", "Drawn box")
+# GRNet's "Refine patches" choices: {} keeps the checkpoint's rule (the fast preset's: the 4 patches where the
+# G-branch is least sure; docs/methods/grnet.md), the others set mode / scorer / rule (cli.segment.set_selection).
+PATCH_RULES: dict[str, dict] = {
+    "checkpoint's rule": {},
+    "4 most doubtful (G-branch)": {"scorer": "uncertainty", "top_k": 4},
+    "4 most probable (PPN)": {"scorer": "ppn", "top_k": 4},
+    "PPN p ≥ 0.5 (paper)": {"scorer": "ppn", "threshold": 0.5},
+    "all patches": {"mode": "all"},
+    "none (G-branch only)": {"mode": "global"},
+}
+
 # The PPN patch layer is brought up to date at most this often during a run, at most PATCHES_PER_TURN rectangles
 # per turn of the event loop: each update of a napari Shapes layer costs the GUI thread its Python work (~1 ms a
 # rectangle) and a redraw in which vispy rebuilds the shapes' shaders (60-100 ms with software OpenGL).
@@ -111,6 +122,9 @@ class SegmentWidget(QWidget):
         self.region_combo.addItems(REGIONS)
         self.box_combo = LayerCombo(self.viewer, napari.layers.Shapes, self, allow_none=True)
         self.box_combo.setToolTip("the Shapes layer whose last rectangle is the region")
+        self.patches_combo = QComboBox(self)
+        self.patches_combo.addItems(list(PATCH_RULES))
+        self.patches_combo.setToolTip("GRNet: which patches of each window the R-branch refines")
         self.window_spin = QSpinBox(self)
         self.window_spin.setRange(64, 16384)
         self.window_spin.setValue(DEFAULT_WINDOW)
@@ -130,6 +144,7 @@ class SegmentWidget(QWidget):
         form.addRow("Working level", level_row)
         form.addRow("Region", self.region_combo)
         form.addRow("Box layer", self.box_combo)
+        form.addRow("Refine patches", self.patches_combo)
         form.addRow("Window", self.window_spin)
         form.addRow("Device", self.device_label)
         buttons = QHBoxLayout()
@@ -178,6 +193,7 @@ class SegmentWidget(QWidget):
     def _on_method_changed(self, *_) -> None:
         from napari_uhrseg.checkpoints import CheckpointManager
 
+        self.patches_combo.setEnabled(self.method_combo.currentText() == "grnet")
         self.checkpoint_combo.clear()
         try:
             infos = [i for i in CheckpointManager().list(method=self.method_combo.currentText()) if i.ok]
@@ -250,7 +266,7 @@ class SegmentWidget(QWidget):
                 pyramid=self._pyramid, level=self.level_spin.value(), window=self.window_spin.value(),
                 overlap=min(DEFAULT_OVERLAP, self.window_spin.value() // 4), region=self.region_level0(image_layer),
                 method=self.method_combo.currentText(), checkpoint=self.checkpoint_path(),
-                device=self.state.device,
+                device=self.state.device, patches=PATCH_RULES[self.patches_combo.currentText()],
             )
         except Exception as exc:  # noqa: BLE001
             self._on_error(exc)
@@ -324,6 +340,14 @@ class SegmentWidget(QWidget):
 
         device = select_device(p["device"], leave_for_ui=1).device
         method = build_method(p["method"], p["checkpoint"], device)
+        if p["method"] == "grnet" and p.get("patches"):
+            from napari_uhrseg.cli.segment import set_mode, set_selection
+
+            rule = dict(p["patches"])
+            if "top_k" in rule:  # a 2 x 2 grid has 4 patches only
+                rule["top_k"] = min(rule["top_k"], method.settings.grid ** 2)
+            set_mode(method, rule.pop("mode", "ppn"))
+            set_selection(method, **rule)
         self._method = method
         result = yield from iter_segment(p["pyramid"], method, level=p["level"], window=p["window"],
                                          overlap=p["overlap"], region=p["region"], cancel=self._cancel)
