@@ -143,6 +143,14 @@ def test_certainty_map_on_uneven_bands_matches_topk():
     torch.testing.assert_close(mg.certainty_map(p), top2[0] - top2[1], atol=0, rtol=0)
 
 
+def test_uncertainty_map_is_one_minus_certainty_exactly():
+    p = torch.softmax(torch.randn(7, 1031, 70) * 3, dim=0)
+    top2 = p.topk(2, dim=0).values
+    torch.testing.assert_close(mg.uncertainty_map(p), 1 - (top2[0] - top2[1]), atol=0, rtol=0)
+    torch.testing.assert_close(mg.uncertainty_map(p), mg.certainty_map(p, rows=64).neg_().add_(1), atol=0, rtol=0)
+    assert torch.equal(mg.uncertainty_map(torch.ones(1, 5, 5)), torch.zeros(5, 5))  # one class: sure
+
+
 def test_top_k_threshold_and_count_match_torch():
     values = torch.rand(10_001)
     values[::7] = 0.5  # ties
