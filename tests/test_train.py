@@ -223,6 +223,44 @@ def test_cli_train_frozen_backbones_trains_only_the_heads_and_a_resume_stays_fro
     assert any(k.startswith("global_branch.") for k in learned) and any(k.startswith("refine_branch.") for k in learned)
 
 
+def test_cli_train_init_freeze_global_keeps_the_g_branch_and_trains_the_rest(tmp_path, capsys):
+    """`--init CKPT --freeze-global`: the new run starts from CKPT's weights (its window and architecture), its
+    G-branch stays bit for bit as loaded -- weights and batch-norm statistics -- while R-branch, aggregation
+    and PPN learn; the run says so in its checkpoint, and a resume keeps the G-branch fixed."""
+    base = tmp_path / "base.pt"
+    args = ["--scene", "sample", "--scene-size", "256", "--global-size", "64", "--refine-size", "32",
+            "--batch-size", "1", "--round-steps", "2", "--val-every", "3", "--threads", "1", "--val-share", "0.5",
+            "--no-pretrained"]
+    assert train_main(args + ["--window", "128", "--iterations", "3", "--out", str(base)]) == 0
+    start, _ = load_checkpoint(base, method="grnet")
+    out = tmp_path / "fixed.pt"
+    # no --window: the checkpoint's 128 px
+    assert train_main(args + ["--iterations", "6", "--init", str(base), "--freeze-global", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "G-branch fixed" in printed and "G-branch alone for 0" in printed
+    later, meta = load_checkpoint(last_path(out), method="grnet")
+    assert meta["freeze_global"] is True and meta["init"] == str(base) and meta["window"] == 128
+    g = [k for k in start if k.startswith("global_branch.")]
+    assert g and all(torch.equal(start[k], later[k]) for k in g)
+    learned = {k.split(".")[0] for k in start if start[k].is_floating_point() and not torch.equal(start[k], later[k])}
+    assert {"refine_branch", "aggregation", "ppn"} <= learned
+    assert train_main(args + ["--iterations", "8", "--resume", str(last_path(out)), "--out", str(out)]) == 0
+    resumed, meta = load_checkpoint(last_path(out))
+    assert meta["freeze_global"] is True and all(torch.equal(start[k], resumed[k]) for k in g)
+    # what cannot work is refused with the reason
+    assert train_main(args + ["--iterations", "2", "--freeze-global", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "give --init" in capsys.readouterr().out
+    assert train_main(args + ["--iterations", "2", "--init", str(base), "--resume", str(last_path(out)),
+                              "--out", str(tmp_path / "y.pt")]) == 2
+    assert "not both" in capsys.readouterr().out
+    from napari_uhrseg.methods.base import save_checkpoint
+
+    state, meta = load_checkpoint(base, method="grnet")
+    other = save_checkpoint(tmp_path / "other.pt", state, dict(meta, class_names=list(reversed(meta["class_names"]))))
+    assert train_main(args + ["--iterations", "2", "--init", str(other), "--out", str(tmp_path / "z.pt")]) == 2
+    assert "same classes" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("method,bad", [
     ("grnet", ["--iterations", "0"]), ("grnet", ["--batch-size", "0"]), ("grnet", ["--crop-pool", "0"]),
     ("grnet", ["--pool-refresh", "-1"]), ("grnet", ["--round-steps", "x"]), ("grnet", ["--epochs", "0"]),

@@ -613,6 +613,13 @@ def _parser():
                    help="keep the three ImageNet backbones fixed and cache their features: only the FPNs, heads, "
                         "PPN classifier and aggregation learn (the Train dock's mode; several times faster per "
                         "step; default --lr 3e-4)")
+    p.add_argument("--init", metavar="CKPT",
+                   help="start from the weights of a GRNet checkpoint (its preset, architecture, window and grid; "
+                        "the same class names), with a fresh schedule and optimisers; not with --resume")
+    p.add_argument("--freeze-global", action="store_true",
+                   help="with --init: keep that checkpoint's whole G-branch fixed (weights and batch norms; no "
+                        "G-branch steps) while PPN, R-branch and aggregation learn against it: refinement gains "
+                        "without the G-branch overfitting small data (docs/methods/grnet.md)")
     p.add_argument("--crop-pool", type=_count(1), default=32,
                    help="with --frozen-backbones: augmented crops drawn once and reused (their features cached)")
     p.add_argument("--pool-refresh", type=_count(0), default=0,
@@ -695,14 +702,29 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
     try:
         dev = select_device(args.device, threads=args.threads)
         torch.manual_seed(args.seed)
-        resume_state, resume_meta = None, None
+        resume_state, resume_meta, init_state, init_meta = None, None, None, None
+        if args.resume and args.init:
+            raise UhrsegError("give --init (new training from a checkpoint's weights) or --resume (go on with a run), "
+                              "not both.")
         if args.resume:
             resume_state, resume_meta = load_checkpoint(args.resume, method=method)
             if "training_state" not in resume_meta:
                 raise CheckpointError(f"{args.resume} holds no training state: resume from the .last.pt file.")
-        preset = (resume_meta or {}).get("preset") or args.preset or default_preset(dev.device)
-        arch = checkpoint_architecture(resume_meta) if resume_meta else {}
+        if args.init:
+            init_state, init_meta = load_checkpoint(args.init, method=method)
+        # a resumed run keeps its G-branch fixed when it was started so
+        freeze_global = bool(args.freeze_global or (resume_meta or {}).get("freeze_global"))
+        if freeze_global and not (init_meta or resume_meta):
+            raise UhrsegError("--freeze-global keeps the G-branch of a trained model fixed: give --init CKPT.")
+        source_meta = resume_meta or init_meta
+        preset = (source_meta or {}).get("preset") or args.preset or default_preset(dev.device)
+        arch = checkpoint_architecture(source_meta) if source_meta else {}
         grid = int(math.isqrt(args.patches)) if args.patches else None
+        if init_meta is not None:  # the checkpoint's window and grid unless asked otherwise
+            args.window = args.window or init_meta.get("window")
+            grid = grid or init_meta.get("grid")
+        if freeze_global:
+            args.global_share = 0.0
         # a resumed run keeps the architecture it was started with
         overrides = dict(global_size=args.global_size, refine_size=args.refine_size)
         if args.aggregation is not None:
@@ -730,19 +752,33 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             total = max(1, int(args.epochs * pixels / cfg["crop"] ** 2 / cfg["batch_size"]))
         else:
             total = 2000
-        model = GRNet(cfg, k, pretrained=not args.no_pretrained and resume_state is None)
+        if init_meta is not None and list(init_meta["class_names"]) != list(names):
+            raise CheckpointError(f"{args.init} was trained for the classes {init_meta['class_names']}, this data has "
+                                  f"{names}: --init needs the same classes in the same order.")
+        model = GRNet(cfg, k, pretrained=not args.no_pretrained and resume_state is None and init_state is None)
+        if init_state is not None:
+            try:
+                model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in init_state.items()})
+            except RuntimeError as exc:
+                raise CheckpointError(f"{args.init} does not fit a GRNet '{preset}' network ({str(exc)[:200]}).") from None
         install = None
         if frozen:
             from napari_uhrseg.engine.scribbles import frozen_grnet
 
             data, install = frozen_grnet(model, data, crop_pool=args.crop_pool, pool_refresh=args.pool_refresh,
                                          seed=args.seed)
+        if freeze_global:
+            from napari_uhrseg.engine.scribbles import freeze_backbones
+
+            freeze_backbones(model.global_branch)
         cmd = "uhrseg train --method grnet " + " ".join(argv)
         trainer = GRNetTrainer(model, cfg, data, val, class_names=names, class_colors=colors,
                                ignore_index=0 if ignore_zero else None, total_steps=total,
                                batch_size=cfg["batch_size"], device=dev.device, round_steps=args.round_steps,
                                half=args.half, extra_meta={"trained_on": source, "command": cmd,
-                                                           "frozen_backbone": frozen})
+                                                           "frozen_backbone": frozen, "freeze_global": freeze_global,
+                                                           "init": str(args.init) if args.init else
+                                                           (resume_meta or {}).get("init")})
         start, best = 0, None
         if resume_state is not None:
             model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in resume_state.items()})
@@ -750,7 +786,8 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             total = max(total, start)
         if install is not None:
             install(trainer)  # after a resumed run's weights are in: the cache checks the saliency's weights
-        mode = ", frozen backbones (features cached)" if frozen else ""
+        mode = (", frozen backbones (features cached)" if frozen else "") + (
+            f", from {args.init}" if args.init else "") + (", G-branch fixed" if freeze_global else "")
         print(f"GRNet '{preset}' on {dev.describe()}: {source}; {len(val)} validation windows; "
               f"{total} steps (G-branch alone for {trainer.global_steps}), batch {cfg['batch_size']} of "
               f"{cfg['crop']} px{mode}", flush=True)
