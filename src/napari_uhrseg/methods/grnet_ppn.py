@@ -181,6 +181,7 @@ class GRNetSettings:
     threshold: float = 0.5
     top_k: int = 4
     mode: str = "ppn"
+    patch_batch: int | None = None  # None: CPU_PATCH_BATCH on the CPU, GPU_PATCH_BATCH elsewhere
     scorer: str = "ppn"  # "uncertainty": rank patches by the G-branch's doubt instead of PPN (patch_uncertainty)
 
     def __post_init__(self):
@@ -188,7 +189,6 @@ class GRNetSettings:
             raise ValueError(f"scorer must be one of {SCORERS}, not {self.scorer!r}")
         if self.selection not in ("threshold", "topk"):
             raise ValueError(f"selection rule must be 'threshold' or 'topk', not {self.selection!r}")
-    patch_batch: int | None = None  # None: CPU_PATCH_BATCH on the CPU, GPU_PATCH_BATCH elsewhere
 
 
 # Patches refined per R-branch call. The batch sets a window's peak memory: with 16, a window whose PPN selects

@@ -230,11 +230,12 @@ def certainty(probabilities: torch.Tensor, dim: int = 1) -> torch.Tensor:
 def certainty_map(probabilities: torch.Tensor, rows: int = 16, *, uncertainty: bool = False) -> torch.Tensor:
     """``certainty`` of ``(C, H, W)`` probabilities → ``(H, W)``, a band of ``rows`` rows at a time (the running
     maxima stay in the cache: 37 → 26 ms on a 7-class 2448² canvas with bands of 16 rows instead of 64, where
-    the three running maps of a band no longer fit the core's L2). ``uncertainty=True`` returns
-    1 − certainty, computed band by band too (no further pass over the map). On the CPU the bands go through NumPy, in
-    the calling thread: hundreds of small parallel ops are what suffers most when other jobs share the cores.
-    (Splitting the bands over two Python threads measured slower, 23 → 29 ms on a 2448² canvas: torch's
-    OpenMP workers still spin on the cores after the network's last op.)"""
+    the three running maps of a band no longer fit the core's L2). ``uncertainty=True`` returns 1 − certainty,
+    computed band by band too (no further pass over the map). On the CPU the bands go through NumPy, in the
+    calling thread: hundreds of small parallel ops are what suffers most when other jobs share the cores.
+    (Splitting the bands over two Python threads measured 23 → 29 ms on a 2448² canvas once, with torch's OpenMP
+    workers spinning after the network's last op; with them passive, 28 → 23 ms on 2026-12-03: the pass is
+    bound by memory, and a pool of threads was not worth 5 ms.)"""
     if probabilities.device.type != "cpu":
         out = torch.empty(probabilities.shape[-2:], device=probabilities.device)
         for r in range(0, probabilities.shape[-2], rows):
