@@ -164,6 +164,10 @@ def test_grnet_selection_flags(scene, tmp_path, capsys):
     records = read_overlays(default_overlays_path(out))
     windows = {r["window"] for r in records}
     assert sum(r["selected"] for r in records) == 2 * len(windows) > 0
+    assert {r["scorer"] for r in records} == {"uncertainty"}  # "probability" is the doubt here
+    features = json.loads(default_overlays_path(out).read_text())["features"]
+    classes = {f["properties"]["classification"]["name"] for f in features}
+    assert classes == {"Refined", "Not refined"}
 
 
 def test_an_overlap_too_large_for_the_window_is_a_clear_error(scene, tmp_path, capsys):

@@ -3,7 +3,8 @@
 A record is ``{"kind": "ppn_patch", "box": (y0, x0, y1, x1), "probability", "selected", "window", "level"}``
 with the box in level-0 pixels (pixel-corner convention). GeoJSON wants (x, y) order: each record becomes a
 rectangle Polygon in level-0 pixel coordinates that QuPath imports as an annotation, its class telling
-whether PPN selected the patch for refinement.
+whether PPN selected the patch for refinement ("PPN selected" / "PPN not selected"), or, when the patches were
+ranked by the G-branch's doubt (``"scorer": "uncertainty"``), whether it was refined ("Refined" / "Not refined").
 """
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ def overlay_feature(rec: dict) -> dict:
     ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
     selected = bool(rec.get("selected", False))
     props = {k: v for k, v in rec.items() if k != "box"}
+    doubt = rec.get("scorer") == "uncertainty"
+    names = ("Refined", "Not refined") if doubt else ("PPN selected", "PPN not selected")
     props.update({
         "objectType": "annotation",
-        "name": f"{rec.get('kind', 'overlay')} w{rec.get('window', '?')} p={rec.get('probability', float('nan')):.2f}",
-        "classification": {"name": "PPN selected" if selected else "PPN not selected",
+        "name": f"{rec.get('kind', 'overlay')} w{rec.get('window', '?')} {'doubt' if doubt else 'p'}="
+                f"{rec.get('probability', float('nan')):.2f}",
+        "classification": {"name": names[0] if selected else names[1],
                            "color": SELECTED_COLOR if selected else SKIPPED_COLOR},
         "measurements": {"probability": float(rec.get("probability", float("nan")))},
     })

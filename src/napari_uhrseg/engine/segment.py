@@ -312,8 +312,9 @@ def overlay_records(artefacts: dict, read_box: Box, window_index: int, level: in
     """The method's patch artefacts (in pixels of ``read_box``) → records in level-0 pixels.
 
     Each record: ``{"kind": "ppn_patch", "box": (y0, x0, y1, x1) level-0 px, "probability": float,
-    "selected": bool, "window": int, "level": int}``. Boxes are clipped to the image; patches that lie in
-    the padding of a small image are dropped.
+    "selected": bool, "window": int, "level": int}``, plus ``"scorer"`` when the method says what ranked the
+    patches (GRNet: "ppn", or "uncertainty" when "probability" is the G-branch's doubt). Boxes are clipped to
+    the image; patches that lie in the padding of a small image are dropped.
     """
     out = []
     ry0, rx0 = read_box[0], read_box[1]
@@ -331,6 +332,8 @@ def overlay_records(artefacts: dict, read_box: Box, window_index: int, level: in
             "window": int(window_index),
             "level": int(level),
         })
+        if patch.get("scorer"):
+            out[-1]["scorer"] = str(patch["scorer"])
     return out
 
 

@@ -297,8 +297,10 @@ class GRNetMethod(Method):
                 ys, xs = slice(ys.start, min(ys.stop, h)), slice(xs.start, min(xs.stop, w))
                 pr = F.interpolate(lg[None].softmax(1), size=(cell, cell), mode="bilinear", align_corners=False)[0]
                 out_t[lead:, ys, xs] = pr[:, : ys.stop - ys.start, : xs.stop - xs.start].float().cpu()
+        scorer = self.settings.scorer if mode == "ppn" else None  # what "probability" is: PPN's, or the doubt
         patches = [{"box": (r * cell, c * cell, min((r + 1) * cell, h), min((c + 1) * cell, w)),
-                    "probability": float(prob[r * grid + c]), "selected": bool(chosen[r * grid + c])}
+                    "probability": float(prob[r * grid + c]), "selected": bool(chosen[r * grid + c]),
+                    "scorer": scorer}
                    for r in range(grid) for c in range(grid) if valid[r * grid + c]]
         return out, patches
 
