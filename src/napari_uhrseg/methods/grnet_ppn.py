@@ -286,9 +286,13 @@ class GRNetMethod(Method):
         k = logits_g.shape[1]
         out = np.zeros((lead + k, h, w), np.float32)
         out_t = torch.from_numpy(out)
-        # softmax at low resolution, then bilinear upsampling of probabilities (still sums to one)
-        up = F.interpolate(logits_g.softmax(1), size=(side, side), mode="bilinear", align_corners=False)[0]
-        out_t[lead:] = up[:, :h, :w].float().cpu()
+        # softmax at low resolution, then bilinear upsampling of probabilities (still sums to one), one class at
+        # a time: a (K, S, S) temporary beside ``out`` was another 144 MB per 2448² window, and blocks that size
+        # fragment the heap as a slide's windows come and go
+        prob_g = logits_g.softmax(1)
+        for c in range(k):
+            up = F.interpolate(prob_g[:, c:c + 1], size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+            out_t[lead + c] = up[:h, :w].float().cpu()
         del up
         idx = [int(i) for i in torch.nonzero(chosen).flatten()]
         if idx:
