@@ -124,14 +124,20 @@ def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     assert "--region" in capsys.readouterr().err
 
 
-def test_patch_batch_applies_to_grnet_only_and_must_be_positive(scene, tmp_path, capsys):
+@pytest.mark.parametrize("flag", [["--patch-batch", "4"], ["--top-k", "2"], ["--threshold", "0.4"],
+                                  ["--scorer", "ppn"]])
+def test_grnet_flags_are_refused_for_other_methods(scene, tmp_path, capsys, flag):
+    path, ckpt, _, _ = scene
+    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
+                 "--checkpoint", str(ckpt), *flag]) == 2
+    err = capsys.readouterr().err
+    assert "grnet only" in err and flag[0] in err and not (tmp_path / "a.zarr").exists()
+
+
+def test_patch_batch_must_be_positive():
     from napari_uhrseg.cli.segment import build_method, set_patch_batch
     from napari_uhrseg.errors import UhrsegError
 
-    path, ckpt, _, _ = scene
-    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
-                 "--checkpoint", str(ckpt), "--patch-batch", "4"]) == 2
-    assert "applies to grnet only" in capsys.readouterr().err
     grnet = build_method("grnet", None, "cpu")  # the shipped starter
     set_patch_batch(grnet, 2)
     assert grnet.settings.patch_batch == 2
@@ -139,14 +145,11 @@ def test_patch_batch_applies_to_grnet_only_and_must_be_positive(scene, tmp_path,
         set_patch_batch(grnet, 0)
 
 
-def test_grnet_selection_flags(scene, tmp_path, capsys):
+def test_grnet_selection_flags(scene, tmp_path):
     from napari_uhrseg.cli.segment import build_method, set_selection
     from napari_uhrseg.errors import UhrsegError
 
-    path, ckpt, _, _ = scene
-    assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "test-channels",
-                 "--checkpoint", str(ckpt), "--top-k", "2"]) == 2
-    assert "apply to grnet only" in capsys.readouterr().err
+    path = scene[0]
     grnet = build_method("grnet", None, "cpu")  # the shipped starter
     set_selection(grnet, scorer="uncertainty", top_k=6)
     s = grnet.settings
