@@ -1,6 +1,7 @@
 """The shipped starter checkpoints on the sample scene (what `make demo` and a first Segment press use), in one
 run on the same held-out windows: GRNet/PPN (its stored selection rule; beside it the same number of patches
-ranked by the G-branch's doubt, the G-branch alone and every patch refined), the MagNet backbone alone, MagNet and MagNet-Fast.
+ranked by the G-branch's doubt, the G-branch alone and every patch refined), the MagNet backbone alone, MagNet
+and MagNet-Fast.
 
 Held out: the bottom 15 % of the 3072² sample scene (rows 2612–3071; ``SAMPLE_SCENE``), as three 1024 × 460
 windows. The GRNet starter trained on the rows above them; the MagNet starter on the top-left 2048² of the same

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="folder for the images (kept between runs); default: a temp dir")
     p.add_argument("--repeats", type=int, default=1,
                    help="runs per image size; the median peak of each size is compared (a run's peak varies by "
-                        "~±5 %% with how the heap happens to fragment, so one run per size can cross the bar either way)")
+                        "~±5 %% with how the heap happens to fragment, so one run per size can cross the bar "
+                        "either way)")
     p.add_argument("--baseline-patch-batch", type=int, default=None,
                    help="also run both sizes with this GRNet patch batch (e.g. 16, the batch before 2026-12-02)")
     args = p.parse_args(argv)

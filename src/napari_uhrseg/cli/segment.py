@@ -222,7 +222,8 @@ def set_selection(method, *, scorer: str | None = None, top_k: int | None = None
         raise UhrsegError(f"Method {method.name!r} has no --scorer / --top-k / --threshold; they apply to grnet only.")
     if top_k is not None:
         if not 1 <= top_k <= settings.grid ** 2:
-            raise UhrsegError(f"--top-k must be between 1 and the {settings.grid ** 2} patches of a window, not {top_k}.")
+            raise UhrsegError(f"--top-k must be between 1 and the {settings.grid ** 2} patches of a window, "
+                              f"not {top_k}.")
         settings.selection, settings.top_k = "topk", int(top_k)
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:

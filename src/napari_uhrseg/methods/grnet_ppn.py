@@ -766,7 +766,8 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             try:
                 model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in init_state.items()})
             except RuntimeError as exc:
-                raise CheckpointError(f"{args.init} does not fit a GRNet '{preset}' network ({str(exc)[:200]}).") from None
+                raise CheckpointError(
+                    f"{args.init} does not fit a GRNet '{preset}' network ({str(exc)[:200]}).") from None
         install = None
         if frozen:
             from napari_uhrseg.engine.scribbles import frozen_grnet
