@@ -118,6 +118,35 @@ def test_optimised_inference_gives_the_reference_labels(fast, batch_size):
     assert selected == ([3, 3] if fast else [6, 20])
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["magnet", "magnet-fast"])
+@pytest.mark.parametrize("size", [(96, 128), (90, 100)], ids=["whole-multiples", "overlapping-patches"])
+def test_stage_artefacts_from_the_parts_match_the_full_maps(size, fast):
+    # predict() keeps only the pasted parts of each stage; its coarse maps must be those of the scale-sized
+    # maps. 96 × 128: scales 24×32, 48×64, 96×128, whole multiples of the map (block sums); 90 × 100:
+    # overlapping patches and scales that are not (through a scale-sized map).
+    schedule = mg.Schedule("t", (0.25, 0.5, 1.0), 0.6, n_patches=3 if fast else -1,
+                           n_points=0.9 if fast else 0.75, median_kernel=3, border_fraction=0.1)
+    rgb = np.random.default_rng(11).integers(0, 255, (*size, 3), dtype=np.uint8)
+    rgb[20:60, 30:80] //= 3
+    net = random_net(seed=2)
+    probs, full = mg.progressive_inference(net, rgb, schedule, full_maps=True)
+    probs_parts, lean = mg.progressive_inference(net, rgb, schedule, full_maps=False)
+    torch.testing.assert_close(probs_parts, probs, atol=0, rtol=0)
+    assert all("query_map" not in st and "replaced" not in st for st in lean[1:])
+    map_shape = tuple(full[0]["scale"])
+    expected = mg.stage_artefacts(full, size, map_shape)
+    got = mg.stage_artefacts(lean, size, map_shape)
+    for e, g in zip(expected, got, strict=True):
+        assert g["n_replaced"] == e["n_replaced"] and (g["stage"] == 0 or g["n_replaced"] > 0)
+        np.testing.assert_allclose(g["query_map"], e["query_map"], atol=1e-5, rtol=0)
+        if e["replaced"] is None:
+            assert g["replaced"] is None
+        else:
+            np.testing.assert_allclose(g["replaced"], e["replaced"], atol=1e-5, rtol=0)
+            assert 0 < g["replaced"].max() <= 1
+        assert g["patches"] == e["patches"]
+
+
 def test_top_k_mask_takes_ties_in_raster_order():
     q = torch.tensor([[0.5, 0.9, 0.5], [0.5, 0.1, 0.5], [0.9, 0.5, 0.2]])
     covered = torch.ones(3, 3, dtype=torch.bool)

@@ -449,11 +449,14 @@ def crop_probabilities(prob: torch.Tensor, box, shape, size) -> torch.Tensor:
     return F.grid_sample(prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
 
 
-def patch_scores(previous: torch.Tensor, boxes: list, shape: tuple[int, int]) -> list[float]:
+def patch_scores(previous: torch.Tensor, boxes: list, shape: tuple[int, int],
+                 uncertainty: torch.Tensor | None = None) -> list[float]:
     """Each patch's mean uncertainty 1 − certainty, read on the previous stage's canvas ``previous``
     ``(C, h', w')`` over the patch's footprint (boxes are in pixels of this scale's ``shape``): the ranking of
-    the paper (mean of U over the patch) at a quarter of the pixels."""
-    uncertainty = uncertainty_map(previous)
+    the paper (mean of U over the patch) at a quarter of the pixels. ``uncertainty``: that map, when the
+    caller has it already."""
+    if uncertainty is None:
+        uncertainty = uncertainty_map(previous)
     prev_shape = tuple(previous.shape[-2:])
     scores = []
     for box in boxes:
@@ -590,19 +593,24 @@ def refine_scale(
     crop: tuple[int, int],
     *,
     batch_size: int = 4,
+    full_maps: bool = True,
+    previous_uncertainty: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """One stage of the progressive inference at a scale of ``shape`` pixels.
 
     forward: the network (``segment``, ``refine``); window: the window's pixels; previous: ``(C, h', w')``
     probabilities of the previous stage on its own canvas. The prediction at this scale is the previous one
     upsampled, except at the top-k query points of the refined patches, which take the refined prediction
-    (overlapping patches averaged). Returns it ``(C, *shape)`` and the stage record (query map and replaced
-    points over the scale, patches; this scale's pixels). Refined probabilities and query scores exist only
-    inside the refined patches.
+    (overlapping patches averaged). Returns it ``(C, *shape)`` and the stage record: the patches, the pasted
+    ``parts`` (box, query scores, replaced mask, pixels no earlier part covers; this scale's pixels) and, with
+    ``full_maps``, the query map and replaced points over the whole scale (``stage_artefacts`` makes its
+    coarse maps straight from the parts, so ``predict`` skips those two scale-sized maps). Refined
+    probabilities and query scores exist only inside the refined patches. ``previous_uncertainty``: 1 −
+    certainty of ``previous`` when the caller has it already.
     """
     shape = (int(shape[0]), int(shape[1]))
     boxes = patch_boxes(shape, crop)
-    scores = patch_scores(previous, boxes, shape)
+    scores = patch_scores(previous, boxes, shape, previous_uncertainty)
     keep = select_patches(scores, schedule.n_patches)
     canvas = resize_maps(previous, shape)  # the previous prediction at this scale; refined points replace it
     model_input = _input_shape(crop, schedule)
@@ -626,8 +634,6 @@ def refine_scale(
     parts = _average_pasted(inner, pasted)
     k = points_to_replace(schedule.n_points, shape[0] * shape[1], len(keep), len(boxes))
     masks = _top_k_in_parts(parts, k, shape[1])
-    query_map = torch.zeros(shape, device=canvas.device)  # 0 where no patch was pasted
-    replaced = torch.zeros(shape, dtype=torch.bool, device=canvas.device)
     for (box, refined, query, _), mask in zip(parts, masks):
         y0, x0, y1, x1 = box
         region = canvas[:, y0:y1, x0:x1]
@@ -635,14 +641,20 @@ def refine_scale(
             np.copyto(region.numpy(), refined.numpy(), where=mask.numpy())
         else:
             region.copy_(torch.where(mask, refined, region))
-        query_map[y0:y1, x0:x1] = query
-        replaced[y0:y1, x0:x1] = mask
     record = {
         "scale": shape,
-        "query_map": query_map,
-        "replaced": replaced,
+        "parts": [{"box": box, "query": query, "replaced": mask, "owned": owned}
+                  for (box, _, query, owned), mask in zip(parts, masks)],
         "patches": [{"box": b, "score": s, "selected": i in keep} for i, (b, s) in enumerate(zip(boxes, scores))],
     }
+    if full_maps:
+        query_map = torch.zeros(shape, device=canvas.device)  # 0 where no patch was pasted
+        replaced = torch.zeros(shape, dtype=torch.bool, device=canvas.device)
+        for part in record["parts"]:
+            y0, x0, y1, x1 = part["box"]
+            query_map[y0:y1, x0:x1] = part["query"]
+            replaced[y0:y1, x0:x1] = part["replaced"]
+        record["query_map"], record["replaced"] = query_map, replaced
     return canvas, record
 
 
@@ -654,17 +666,20 @@ def progressive_inference(
     *,
     batch_size: int = 4,
     cancel: Callable[[], bool] | None = None,
+    full_maps: bool = True,
 ) -> tuple[torch.Tensor, list[dict]]:
     """MagNet on one window: RGB uint8 ``(H, W, 3)`` (or a float ``(3, H, W)`` tensor in [0, 1], or a
     ``WindowPixels``) → ``(C, H, W)`` probabilities and one record per stage (stage 0 = the backbone alone at
-    the coarsest scale; then one per finer scale). ``net``: anything with ``segment`` and ``refine`` — a
+    the coarsest scale; then one per finer scale, see ``refine_scale``; ``full_maps=False`` leaves out their
+    scale-sized query and replaced maps). ``net``: anything with ``segment`` and ``refine`` — a
     ``MagNetNet`` or its ``InferenceNet``."""
     pinned = getattr(net, "pinned", None)
     with pinned() if pinned is not None else contextlib.nullcontext():
-        return _progressive(net, window, schedule, batch_size, cancel)
+        return _progressive(net, window, schedule, batch_size, cancel, full_maps)
 
 
-def _progressive(net, window, schedule: Schedule, batch_size: int, cancel) -> tuple[torch.Tensor, list[dict]]:
+def _progressive(net, window, schedule: Schedule, batch_size: int, cancel,
+                 full_maps: bool = True) -> tuple[torch.Tensor, list[dict]]:
     device = _device_of(net)
     pixels = window if isinstance(window, WindowPixels) else WindowPixels(window, device)
     shape = pixels.shape
@@ -672,13 +687,16 @@ def _progressive(net, window, schedule: Schedule, batch_size: int, cancel) -> tu
     crop = scales[0]
     whole = pixels.read([(0, 0, shape[0], shape[1])], _input_shape(crop, schedule))
     probabilities = resize_maps(net.segment(whole)[0], crop)
-    stages = [{"scale": crop, "query_map": 1 - certainty(probabilities[None])[0], "replaced": None, "patches": []}]
-    for scale in scales[1:]:
+    stage0_uncertainty = uncertainty_map(probabilities)
+    stages = [{"scale": crop, "query_map": stage0_uncertainty, "replaced": None, "patches": []}]
+    for i, scale in enumerate(scales[1:]):
         if cancel is not None and cancel():
             from napari_uhrseg.errors import Cancelled
 
             raise Cancelled("MagNet was cancelled")
-        probabilities, record = refine_scale(net, pixels, probabilities, scale, schedule, crop, batch_size=batch_size)
+        probabilities, record = refine_scale(net, pixels, probabilities, scale, schedule, crop, batch_size=batch_size,
+                                             full_maps=full_maps,
+                                             previous_uncertainty=stage0_uncertainty if i == 0 else None)
         stages.append(record)
     return resize_maps(probabilities, shape), stages
 
@@ -803,20 +821,67 @@ def _to_numpy_map(x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(a, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+def _parts_map(parts: list[dict], key: str, scale: tuple[int, int], map_shape: tuple[int, int]) -> np.ndarray:
+    """The scale-sized map that is ``part[key]`` inside each pasted part and 0 elsewhere, at ``map_shape``
+    (area-averaged), without making it at the scale: where the scale is a whole multiple of the map (every
+    DeepGlobe stage), each part's own pixels are summed into the map's blocks (pixels an earlier part covers
+    left out, so each counts once); otherwise through the scale-sized map."""
+    import cv2
+
+    (H, W), (h, w) = scale, map_shape
+    if H % h or W % w:
+        full = np.zeros(scale, np.float32)
+        for part in parts:
+            y0, x0, y1, x1 = part["box"]
+            full[y0:y1, x0:x1] = part[key].detach().cpu().float().numpy()
+        return _to_numpy_map(torch.from_numpy(full), map_shape)
+    fy, fx = H // h, W // w
+    out = np.zeros(map_shape, np.float32)
+    for part in parts:
+        y0, x0, y1, x1 = part["box"]
+        values = part[key].detach().cpu().numpy()
+        owned = part["owned"]
+        by0, bx0, by1, bx1 = y0 // fy, x0 // fx, -(-y1 // fy), -(-x1 // fx)
+        block = np.zeros(((by1 - by0) * fy, (bx1 - bx0) * fx), np.float32)
+        inside = block[y0 - by0 * fy : y1 - by0 * fy, x0 - bx0 * fx : x1 - bx0 * fx]
+        if owned is None:
+            inside[...] = values
+        else:
+            np.copyto(inside, values, where=owned.detach().cpu().numpy())
+        # OpenCV's area resize by a whole factor is the block mean, and ~10× faster than a reshaped sum
+        out[by0:by1, bx0:bx1] += cv2.resize(block, (bx1 - bx0, by1 - by0), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def _stage_maps(st: dict, map_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(query map, replaced-point density) of a stage record at ``map_shape`` and its replaced count."""
+    if st.get("query_map") is not None or "parts" not in st:
+        replaced = st.get("replaced")
+        return (_to_numpy_map(st["query_map"], map_shape),
+                None if replaced is None else _to_numpy_map(replaced, map_shape),
+                0 if replaced is None else count_true(replaced))
+    scale, parts = tuple(st["scale"]), st["parts"]
+    n = 0
+    for part in parts:
+        mask = part["replaced"] if part["owned"] is None else part["replaced"] & part["owned"]
+        n += count_true(mask)
+    return _parts_map(parts, "query", scale, map_shape), _parts_map(parts, "replaced", scale, map_shape), n
+
+
 def stage_artefacts(stages: list[dict], window_shape: tuple[int, int], map_shape: tuple[int, int]) -> list[dict]:
     """Stage records in window pixels: query maps and replaced-point density at ``map_shape`` (the coarsest
     scale, so a window's artefacts stay small), patch boxes scaled to the window."""
     out = []
     for i, st in enumerate(stages):
         fy, fx = window_shape[0] / st["scale"][0], window_shape[1] / st["scale"][1]
-        replaced = st["replaced"]
+        query_map, replaced, n_replaced = _stage_maps(st, map_shape)
         out.append(
             {
                 "stage": i,
                 "scale": tuple(int(v) for v in st["scale"]),
-                "query_map": np.clip(_to_numpy_map(st["query_map"], map_shape), 0, 1),
-                "replaced": None if replaced is None else _to_numpy_map(replaced, map_shape),
-                "n_replaced": 0 if replaced is None else count_true(replaced),
+                "query_map": np.clip(query_map, 0, 1),
+                "replaced": replaced,
+                "n_replaced": n_replaced,
                 "patches": [
                     {
                         "box": (round(p["box"][0] * fy), round(p["box"][1] * fx),
@@ -893,7 +958,8 @@ class MagNet(Method):
     def predict(self, window: np.ndarray, *, context: dict | None = None) -> Prediction:
         context = context or {}
         probabilities, stages = progressive_inference(
-            self.inference_net, window, self.schedule, batch_size=self.batch_size, cancel=context.get("cancel")
+            self.inference_net, window, self.schedule, batch_size=self.batch_size, cancel=context.get("cancel"),
+            full_maps=False,
         )
         probabilities = probabilities.cpu()
         with torch.inference_mode():
