@@ -169,10 +169,17 @@ def test_click_in_level0_coordinates_on_a_coarser_working_level():
     ({"point": (-5, 10)}, "outside the image"),
     ({"label_id": 0}, "label id"),
     ({"remove": True}, "Nothing to remove"),
-])
+    ({"labels": np.zeros((100, 120), np.uint8)}, "labels are 100×120 px but"),
+    ({"prediction": np.ones((60, 60), np.uint8)}, "prediction is 60×60 px"),
+    ({"level": 3}, "Working level 3 does not exist"),
+], ids=["outside", "label-0", "nothing-to-remove", "labels-of-another-size", "prediction-of-another-size",
+        "no-such-level"])
 def test_bad_clicks(kwargs, message):
     image, disk = _disk_scene(size=120, centre=(60, 60), r=20)
     point = kwargs.pop("point", (60, 60))
+    labels = kwargs.pop("labels", np.zeros((120, 120), np.uint8))
     kwargs.setdefault("label_id", 1)
+    keep = labels.copy()
     with pytest.raises(UhrsegError, match=message):
-        click_segment(image, np.zeros((120, 120), np.uint8), point, refiner=CascadePSP(EchoDouble()), **kwargs)
+        click_segment(image, labels, point, refiner=CascadePSP(EchoDouble()), **kwargs)
+    assert np.array_equal(labels, keep)

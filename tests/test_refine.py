@@ -87,6 +87,28 @@ def test_bad_regions_are_refused_with_a_message(scene, make_region, message):
     assert np.array_equal(labels, keep)
 
 
+@pytest.mark.parametrize("shape", [(250, 300), (310, 290)], ids=["cropped", "another-image"])
+def test_labels_of_another_size_than_the_image_are_refused(scene, shape):
+    # Neither level 0 nor a pyramid level: their pixels cannot be placed on the image (they used to be
+    # stretched onto it, and the refined labels written back misplaced).
+    image, _, _ = scene
+    labels = np.zeros(shape, np.uint8)
+    labels[100:200, 100:200] = 1
+    brush = np.zeros(shape, np.uint8)
+    brush[120:180, 190:215] = 1
+    keep = labels.copy()
+    with pytest.raises(UhrsegError, match=f"labels are {shape[0]}×{shape[1]} px but .* is 300×300 px"):
+        refine_region(image, labels, brush, refiner=CascadePSP(GrowDouble()))
+    assert np.array_equal(labels, keep)
+
+
+@pytest.mark.parametrize("L", [0, 16, 10_000])
+def test_a_global_step_size_out_of_range_is_refused(scene, L):
+    image, labels, brush = scene
+    with pytest.raises(UhrsegError, match=f"L = {L} px"):
+        refine_region(image, labels, brush, L=L, refiner=CascadePSP(GrowDouble()))
+
+
 def test_whole_slide_region_is_refused_and_empty_labels_too(scene):
     image, labels, brush = scene
     with pytest.raises(UhrsegError, match="coarser working level"):
@@ -118,6 +140,11 @@ def test_cli_refine(tmp_path, scene, capsys):
     rc = main(["refine", paths["image"], "--mask", paths["labels"], "-o", paths["out"], "--region", paths["brush"],
                "--checkpoint", str(ckpt)])
     assert rc == 2 and "Nothing is brushed" in capsys.readouterr().err
+    cv2.imwrite(paths["brush"], brush)
+    cv2.imwrite(str(tmp_path / "small.png"), labels[:250])  # labels of another size than the image
+    rc = main(["refine", paths["image"], "--mask", str(tmp_path / "small.png"), "-o", str(tmp_path / "o2.ome.tif"),
+               "--checkpoint", str(ckpt)])
+    assert rc == 2 and "labels are 250×300 px" in capsys.readouterr().err and not (tmp_path / "o2.ome.tif").exists()
     for out, said in ((tmp_path / "nowhere" / "o.ome.tif", "nowhere does not exist"),
                       (tmp_path / "o.xyz", "Cannot tell the export format")):  # said before any refinement
         rc = main(["refine", paths["image"], "--mask", str(tmp_path / "missing.png"), "-o", str(out),

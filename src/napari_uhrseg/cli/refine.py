@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="refined labels (.png, .ome.tif, .ome.zarr, .geojson)")
     p.add_argument("--region", default=None, help="brush mask: only its non-zero pixels change")
     p.add_argument("--fast", action="store_true", help="global step only (a preview; about 10× faster)")
-    p.add_argument("--L", type=int, default=900, help="global-step size (paper: 900)")
+    p.add_argument("--L", type=int, default=900, help="global-step size, 64–4096 px (paper: 900)")
     p.add_argument("--level", type=int, default=0, help="working level of the image pyramid")
     p.add_argument("--margin", type=int, default=64, help="context around the region, working-level px")
     p.add_argument("--max-side", type=int, default=4096, help="largest box refined at once, working-level px")

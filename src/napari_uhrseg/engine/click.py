@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-from napari_uhrseg.engine.refine import RefineEdit, default_refiner
+from napari_uhrseg.engine.refine import RefineEdit, check_labels_frame, default_refiner
 from napari_uhrseg.errors import UhrsegError
 from napari_uhrseg.io import coords
 
@@ -213,6 +213,14 @@ def click_segment(
         raise UhrsegError("Choose a label id above 0 to paint with (0 is 'unlabelled').")
     pyramid = open_pyramid(image)
     labels_shape = tuple(labels.shape[:2])
+    check_labels_frame(pyramid, labels_shape)
+    if prediction is not None and tuple(np.shape(prediction)[:2]) != labels_shape:
+        raise UhrsegError(
+            f"The prediction is {np.shape(prediction)[0]}×{np.shape(prediction)[1]} px but the labels are "
+            f"{labels_shape[0]}×{labels_shape[1]} px: segment this image again, or click without the prediction."
+        )
+    if not 0 <= level < len(pyramid.levels):
+        raise UhrsegError(f"Working level {level} does not exist: {pyramid.name} has levels 0..{len(pyramid.levels) - 1}.")
     level_shape = pyramid.level_shape(level)
     level_ds = coords.level_scale(pyramid.shape, level_shape)
     labels_ds = coords.level_scale(pyramid.shape, labels_shape)

@@ -20,6 +20,7 @@ from napari_uhrseg.io import coords
 DEFAULT_MARGIN = 64  # working-level px around the brushed box: context for the refiner on every side
 MAX_REGION_SIDE = 4096  # working-level px; a larger brushed box is refused (minutes of CPU, GBs of memory)
 MIN_BRUSHED_PIXELS = 4  # fewer brushed pixels is almost surely a stray click
+L_RANGE = (64, 4096)  # the global-step size L the Refine dock offers (the paper's: 900)
 
 
 @dataclass
@@ -73,6 +74,21 @@ def brushed_box(region) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
+def check_labels_frame(pyramid, labels_shape, what: str = "labels") -> None:
+    """Refuse labels that are neither level 0 of the image nor one of its pyramid levels: their pixels cannot
+    be placed on the image (a mask of another picture, or one cropped or padded)."""
+    shape = tuple(int(v) for v in labels_shape[:2])
+    levels = [pyramid.level_shape(i) for i in range(len(pyramid.levels))]
+    if shape in levels:
+        return
+    sizes = ", ".join(f"{h}×{w}" for h, w in levels)
+    raise UhrsegError(
+        f"The {what} are {shape[0]}×{shape[1]} px but {pyramid.name} is {levels[0][0]}×{levels[0][1]} px"
+        + (f" (its pyramid levels: {sizes})" if len(levels) > 1 else "")
+        + f": give {what} made for this image, at its full size or at one of its levels. Nothing was changed."
+    )
+
+
 def _region_in_frame(region, labels_shape) -> tuple[np.ndarray | None, tuple[int, int, int, int]]:
     """``region`` as (mask or None, box) in the labels frame; a box tuple stands for a filled rectangle."""
     if isinstance(region, (tuple, list)) and len(region) == 4:
@@ -113,8 +129,12 @@ def refine_region(
     import time
 
     t0 = time.perf_counter()
+    if not L_RANGE[0] <= int(L) <= L_RANGE[1]:
+        raise UhrsegError(f"L = {L} px: the global-step size must be {L_RANGE[0]}–{L_RANGE[1]} px "
+                          "(the paper's is 900; smaller is faster and coarser).")
     pyramid = _as_pyramid(image)
     labels_shape = tuple(labels.shape[:2])
+    check_labels_frame(pyramid, labels_shape)
     mask, box = _region_in_frame(region, labels_shape)
     brushed = None if mask is None else np.asarray(mask[box[0] : box[2], box[1] : box[3]]) != 0
     if brushed is not None and np.count_nonzero(brushed) < MIN_BRUSHED_PIXELS:
