@@ -65,6 +65,15 @@ def test_bad_file_gives_a_clear_error(tmp_path, name):
         reader(str(path))
 
 
+def test_a_tiff_with_no_pages_gets_our_message_only(tmp_path, caplog):
+    # tifffile logs "... contains no pages" itself; the user should read one message, ours.
+    path = tmp_path / "nopages.tif"
+    path.write_bytes(b"II*\x00" + b"\x00" * 50)
+    with caplog.at_level("WARNING"), pytest.raises(UnsupportedImageError, match="it contains no image"):
+        open_pyramid(path)
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]
+
+
 def test_reader_declines_what_is_not_ours(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "folder").mkdir()

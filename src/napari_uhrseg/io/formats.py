@@ -13,7 +13,9 @@ reader (magic bytes), and a name that says another format is refused rather than
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import struct
 import xml.etree.ElementTree as ET
@@ -84,15 +86,31 @@ def open_source(path: Path) -> Source:
 # ----------------------------------------------------------------------------------------------- TIFF
 
 
+@contextlib.contextmanager
+def _tifffile_quiet():
+    """tifffile logs its own warning for a damaged file ("... contains no pages") before we raise ours: keep
+    it out of the user's terminal while a TIFF is opened; our message says what is wrong and what to do."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def open_tiff(path: Path) -> Source:
     import tifffile
 
     try:
-        tif = tifffile.TiffFile(path)
+        with _tifffile_quiet():
+            tif = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, ... on damaged files
         raise UnsupportedImageError(f"{path} is a damaged TIFF ({exc}): re-export or re-download it.") from exc
     try:
-        if not tif.series:
+        with _tifffile_quiet():
+            empty = not tif.series
+        if empty:
             raise UnsupportedImageError(f"{path} is a damaged TIFF: it contains no image. Re-export or re-download it.")
         if (tif.is_svs or tif.is_ndpi or tif.is_scn or tif.is_bif or path.suffix.lower() in SLIDE_SUFFIXES) and not tif.is_ome:
             slide = _open_slide(path)
