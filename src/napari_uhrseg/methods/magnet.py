@@ -22,6 +22,7 @@ converts artefacts to level-0 pixels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -524,12 +525,26 @@ def _within(box, outer) -> tuple[slice, slice]:
     return slice(box[0] - outer[0], box[2] - outer[0]), slice(box[1] - outer[1], box[3] - outer[1])
 
 
+def _at_scale(refined: torch.Tensor, size: tuple[int, int], sy: slice, sx: slice) -> torch.Tensor:
+    """A patch's refined probabilities (model input) resized to its box at the scale and cut to its inner box."""
+    return resize_maps(refined, size)[:, sy, sx]
+
+
 def _average_pasted(inner: dict, pasted: dict) -> list[tuple]:
     """Per refined patch ``i`` (grid order): its inner box, the refined probabilities and query scores averaged
     over every patch pasted on each of its pixels (summed in grid order, so a pixel gets the same numbers in
-    every box that covers it), and the mask of its pixels no earlier patch covers (None: all of them)."""
+    every box that covers it), and the mask of its pixels no earlier patch covers (None: all of them).
+    ``pasted[i]``: (refined probabilities over the inner box, or a function that makes them; query scores).
+    A patch no other overlaps keeps what it was given (the function, called when it is pasted)."""
     order = sorted(inner)
     parts = []
+    made = {}
+
+    def refined_of(j):
+        if j not in made:
+            made[j] = pasted[j][0]() if callable(pasted[j][0]) else pasted[j][0]
+        return made[j]
+
     for i in order:
         box = inner[i]
         others = [(j, _intersection(box, inner[j])) for j in order if j != i]
@@ -537,6 +552,7 @@ def _average_pasted(inner: dict, pasted: dict) -> list[tuple]:
         refined, query = pasted[i]
         owned = None
         if others:
+            refined = refined_of(i)
             refined_sum, query_sum = torch.zeros_like(refined), torch.zeros_like(query)
             count = torch.zeros_like(query)
             for j in order:
@@ -544,7 +560,7 @@ def _average_pasted(inner: dict, pasted: dict) -> list[tuple]:
                 if r is None:
                     continue
                 (ys, xs), (yj, xj) = _within(r, box), _within(r, inner[j])
-                refined_sum[:, ys, xs] += pasted[j][0][:, yj, xj]
+                refined_sum[:, ys, xs] += refined_of(j)[:, yj, xj]
                 query_sum[ys, xs] += pasted[j][1][yj, xj]
                 count[ys, xs] += 1
             refined, query = refined_sum / count, query_sum / count
@@ -628,7 +644,10 @@ def refine_scale(
             if i in inner:  # the pasted part: the patch less its inner border, at this scale
                 y0, x0, y1, x1 = boxes[i]
                 sy, sx = _within(inner[i], boxes[i])
-                pasted[i] = (resize_maps(refined[j], (y1 - y0, x1 - x0))[:, sy, sx],
+                # The refined probabilities stay at the model input until they are pasted: 16 patches of 7
+                # classes at 612² would hold ~170 MB at once, and MagNet's windows then outgrew the heap the
+                # process keeps (memory.py), page-faulting ~600 MB again in every window.
+                pasted[i] = (functools.partial(_at_scale, refined[j], (y1 - y0, x1 - x0), sy, sx),
                              resize_maps(query[j], (y1 - y0, x1 - x0))[sy, sx])
     # Accumulate and average: overlapping patches must not overwrite each other.
     parts = _average_pasted(inner, pasted)
@@ -637,10 +656,12 @@ def refine_scale(
     for (box, refined, query, _), mask in zip(parts, masks):
         y0, x0, y1, x1 = box
         region = canvas[:, y0:y1, x0:x1]
+        refined = refined() if callable(refined) else refined
         if region.device.type == "cpu":  # in place, no temporary canvas-sized copy (~4× faster)
             np.copyto(region.numpy(), refined.numpy(), where=mask.numpy())
         else:
             region.copy_(torch.where(mask, refined, region))
+        del refined
     record = {
         "scale": shape,
         "parts": [{"box": box, "query": query, "replaced": mask, "owned": owned}
