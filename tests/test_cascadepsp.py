@@ -223,6 +223,58 @@ def test_train_main_writes_a_loadable_checkpoint(tmp_path):
     assert C.CascadePSP.from_checkpoint(out).preset == "fast"
 
 
+def _own_folders(tmp_path, masks: dict):
+    import cv2
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "lab").mkdir()
+    rng = np.random.default_rng(0)
+    for name, mask in masks.items():
+        cv2.imwrite(str(tmp_path / "img" / f"{name}.png"), rng.integers(0, 255, (*mask.shape, 3), dtype=np.uint8))
+        cv2.imwrite(str(tmp_path / "lab" / f"{name}.png"), mask)
+    return str(tmp_path / "img"), str(tmp_path / "lab")
+
+
+def test_user_tiles_renumber_classes_and_merge_instances(tmp_path):
+    classes = np.zeros((80, 90), np.uint16)
+    classes[:40] = 7
+    classes[40:, :30] = 300
+    instances = np.zeros((80, 90), np.uint16)
+    instances.flat[::23] = np.arange(1, instances.size // 23 + 2)[: instances.flat[::23].size]  # ~300 ids
+    images, masks = _own_folders(tmp_path, {"a": classes, "b": instances})
+    (a_rgb, a, a_scales), (_, b, _) = C._user_tiles(images, masks)
+    assert a_rgb.shape == (80, 90, 3) and a_scales == (1.0, 3.0)
+    assert set(np.unique(a)) == {1, 2, C.UNKNOWN_LABEL}  # 7 → 1, 300 → 2, background never the object
+    assert np.array_equal(a == 1, classes == 7) and np.array_equal(a == 2, classes == 300)
+    assert set(np.unique(b)) == {1, C.UNKNOWN_LABEL} and np.array_equal(b == 1, instances > 0)
+
+
+def test_train_main_on_the_users_own_pairs(tmp_path, capsys):
+    from napari_uhrseg.methods.base import read_checkpoint_meta
+
+    mask = np.zeros((96, 96), np.uint8)
+    mask[20:70, 30:80] = 2
+    images, masks = _own_folders(tmp_path, {"field": mask})
+    out = tmp_path / "own.pt"
+    common = ["--max-steps", "1", "--batch-size", "1", "--crop", "48", "--minutes", "2", "--photo-fraction", "0"]
+    assert C.train_main(["-o", str(out), "--images", images, "--masks", masks, *common]) == 0
+    said = capsys.readouterr().out
+    assert "on 1 real tiles (1 of yours)" in said  # DeepGlobe and MoNuSeg are left out unless asked for
+    meta = read_checkpoint_meta(out)
+    assert meta["training"]["images"] == 1 and meta["training"]["deepglobe"] == [] and meta["training"]["monuseg"] == []
+    for args, message in ((["--images", images], "go together"),
+                          (["--images", images, "--masks", str(tmp_path / "nope")], "is not a folder"),
+                          (["--images", str(tmp_path), "--masks", masks], "has a label image")):
+        bad = tmp_path / "bad.pt"
+        assert C.train_main(["-o", str(bad), *args, *common]) == 2
+        assert message in capsys.readouterr().err and not bad.exists()
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "lab" / "field.png"), mask[:50])  # a label image of another size
+    assert C.train_main(["-o", str(tmp_path / "bad.pt"), "--images", images, "--masks", masks, *common]) == 2
+    assert "export the labels at the image's size" in capsys.readouterr().err
+
+
 def test_continued_training_records_what_it_started_from(tmp_path):
     from napari_uhrseg.methods.base import read_checkpoint_meta
 

@@ -84,6 +84,27 @@ def _imread(path: Path) -> np.ndarray:
         raise DatasetError(f"{path}: cannot be read as an image ({exc}); check that the file is complete.") from exc
 
 
+def folder_pairs(images, masks) -> list[tuple[Path, Path]]:
+    """``(image, label image)`` paths of a training folder pair: every image in ``images`` with a label image
+    ``<stem>.png`` (or ``<stem>_mask.png``) in ``masks``, sorted by name. Raises ``DatasetError`` when a folder is
+    missing or no image has its label image."""
+    images, masks = Path(images), Path(masks)
+    for folder, what in ((images, "--images"), (masks, "--masks")):
+        if not folder.is_dir():
+            raise DatasetError(f"{what} {folder} is not a folder: give the folder that holds the files.")
+    pairs = []
+    for image in sorted(images.glob("*")):
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        for cand in (masks / f"{image.stem}.png", masks / f"{image.stem}_mask.png"):
+            if cand.is_file():
+                pairs.append((image, cand))
+                break
+    if not pairs:
+        raise DatasetError(f"no image in {images} has a label image in {masks} (<stem>.png).")
+    return pairs
+
+
 def read_rgb(path) -> np.ndarray:
     """Read a small image file as RGB uint8 (H, W, 3): grey is repeated, alpha dropped, 16-bit scaled."""
     image = _imread(path)

@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import math
+import sys
 import time
 import weakref
 from dataclasses import dataclass
@@ -753,6 +754,33 @@ UNKNOWN_LABEL = 255  # DeepGlobe "unknown" in training tiles: never picked as th
 MONUSEG_CROP_SCALES = (1.0, 1.5)  # 1000² tiles at 40×: the global step sees them at 0.9, the local one at 1
 
 
+MONUSEG_TRAIN = ("TCGA-21-5784-01Z-00-DX1", "TCGA-AR-A1AS-01Z-00-DX1")  # the project's MoNuSeg training tiles
+
+
+def _user_tiles(images, masks) -> list:
+    """The user's (image, label image) pairs as training tiles: every label value but 0 (background) is an
+    object class, renumbered 1..K; a mask with more values than that holds instances (nuclei, buildings), whose
+    union is the object, as for MoNuSeg. Crops of 1–3× the training crop, as for DeepGlobe."""
+    from napari_uhrseg import datasets
+
+    tiles = []
+    for image, mask in datasets.folder_pairs(images, masks):
+        rgb, lab = datasets.read_rgb(image), datasets.read_mask(mask)
+        if lab.ndim != 2 or lab.shape != rgb.shape[:2]:
+            raise datasets.DatasetError(f"{mask.name} ({lab.shape}) is not a 2-D label image of the size of "
+                                        f"{image.name} {rgb.shape[:2]}: export the labels at the image's size.")
+        if not lab.any():
+            raise datasets.DatasetError(f"{mask.name} has no labels (all 0): label the objects, or leave the pair out.")
+        values = np.unique(lab[lab != 0])
+        if len(values) >= UNKNOWN_LABEL:  # instance ids: one object class, their union
+            compact = (lab != 0).astype(np.uint8)
+        else:
+            compact = np.searchsorted(values, lab).astype(np.uint8) + 1  # 1..K in the order of the values
+        compact[lab == 0] = UNKNOWN_LABEL  # background: never the object, but still "not the class"
+        tiles.append((rgb, compact, (1.0, 3.0)))
+    return tiles
+
+
 def _real_tiles(deepglobe_ids, monuseg_names) -> list:
     """DeepGlobe tiles (classes 1–6, 'unknown' 0 never used as object) and MoNuSeg tiles (nuclei = 1), each with
     its crop-scale range (see ``RefinementData``)."""
@@ -823,9 +851,14 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
     ap.add_argument("--lr", type=positive, default=LEARNING_RATE)
     ap.add_argument("--lr-drops", default=",".join(str(d) for d in LR_DROPS),
                     help="fractions of the time budget where the learning rate drops ×0.1 (paper: 0.5,0.83)")
-    ap.add_argument("--deepglobe", default="train", help="'train' (the project's split), 'none', or comma ids")
-    ap.add_argument("--monuseg", default="TCGA-21-5784-01Z-00-DX1,TCGA-AR-A1AS-01Z-00-DX1",
-                    help="MoNuSeg tile names to train on ('none' for none)")
+    ap.add_argument("--deepglobe", default=None,
+                    help="'train' (the project's split; the default without --images), 'none', or comma ids")
+    ap.add_argument("--monuseg", default=None,
+                    help=f"MoNuSeg tile names to train on, or 'none' (default without --images: {','.join(MONUSEG_TRAIN)})")
+    ap.add_argument("--images", default=None, help="your own training images: a folder (with --masks)")
+    ap.add_argument("--masks", default=None,
+                    help="their label images <stem>.png, every object labelled (0 = background); each label value "
+                         "is an object class, refined as a binary mask")
     ap.add_argument("--photo-fraction", type=float, default=0.5, help="share of synthetic photo composites")
     ap.add_argument("--init", default=None, help="start from this CascadePSP checkpoint")
     ap.add_argument("--half", action="store_true", help="store fp16 weights (the shipped starter)")
@@ -836,19 +869,29 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from napari_uhrseg import datasets
+    from napari_uhrseg.errors import UhrsegError
 
-    dg = [] if args.deepglobe == "none" else (
-        datasets.deepglobe_split()["train"] if args.deepglobe == "train" else args.deepglobe.split(","))
-    mo = [] if args.monuseg == "none" else args.monuseg.split(",")
-    tiles = _real_tiles(dg, mo)
-    print(f"training CascadePSP '{args.preset}' on {len(tiles)} real tiles + photo composites, {args.minutes} min")
+    try:
+        if bool(args.images) != bool(args.masks):
+            raise UhrsegError("--images and --masks go together: a folder of images and one of their label images.")
+        own = _user_tiles(args.images, args.masks) if args.images else []
+        deepglobe = args.deepglobe or ("none" if args.images else "train")
+        monuseg = args.monuseg or ("none" if args.images else ",".join(MONUSEG_TRAIN))
+        dg = [] if deepglobe == "none" else (
+            datasets.deepglobe_split()["train"] if deepglobe == "train" else deepglobe.split(","))
+        mo = [] if monuseg == "none" else monuseg.split(",")
+        tiles = own + _real_tiles(dg, mo)
+        model = (CascadePSP.from_checkpoint(args.init).model if args.init
+                 else RefinementModule(args.preset, pretrained=args.preset == "fast"))
+    except UhrsegError as exc:
+        print(f"uhrseg train: {exc}", file=sys.stderr)
+        return 2
+    print(f"training CascadePSP '{args.preset}' on {len(tiles)} real tiles ({len(own)} of yours) + photo composites, "
+          f"{args.minutes} min")
     data = RefinementData(args.crop, tiles=tiles, photo_fraction=args.photo_fraction, seed=args.seed)
-    if args.init:
-        model = CascadePSP.from_checkpoint(args.init).model
-    else:
-        model = RefinementModule(args.preset, pretrained=args.preset == "fast")
     extra = {"training": {"command": "uhrseg train --method cascadepsp " + " ".join(argv or []),
-                          "deepglobe": dg, "monuseg": mo, "crop": args.crop, "batch": args.batch_size}}
+                          "deepglobe": dg, "monuseg": mo, "crop": args.crop, "batch": args.batch_size,
+                          "images": len(own)}}
     if args.init:  # a continued run records what it started from (its command and steps), so the chain is known
         from napari_uhrseg.methods.base import read_checkpoint_meta
 

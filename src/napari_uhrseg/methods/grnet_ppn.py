@@ -676,18 +676,10 @@ def load_training_data(args):
                 f"synthetic scene size={size} seed={seed} classes={scene.num_classes}")
     if not args.masks:
         raise UhrsegError("--images needs --masks DIR (label images named like the images).")
-    from napari_uhrseg.datasets import IMAGE_SUFFIXES, read_mask, read_rgb
+    from napari_uhrseg.datasets import folder_pairs, read_mask, read_rgb
 
-    items = []
-    for image in sorted(Path(args.images).glob("*")):
-        if image.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        for cand in (Path(args.masks) / f"{image.stem}.png", Path(args.masks) / f"{image.stem}_mask.png"):
-            if cand.is_file():
-                items.append(LabelledImage(read_rgb(image), read_mask(cand), name=image.name))
-                break
-    if not items:
-        raise UhrsegError(f"no image in {args.images} has a label image in {args.masks} (<stem>.png).")
+    items = [LabelledImage(read_rgb(image), read_mask(mask), name=image.name)
+             for image, mask in folder_pairs(args.images, args.masks)]
     top = max(int(it.labels.max()) for it in items)
     names = ["unlabelled"] + (args.classes.split(",") if args.classes else [f"class {v}" for v in range(1, top + 1)])
     if len(names) - 1 < top:
