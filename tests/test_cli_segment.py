@@ -124,6 +124,18 @@ def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     assert "--region" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--method", "cascadepsp"], "uhrseg refine IMAGE --mask LABELS"),
+    (["--device", "tpu"], "Unknown device 'tpu'"),
+    (["--device", "cuda:x"], "Unknown device 'cuda:x'"),
+], ids=["cascadepsp-does-not-segment", "no-such-device", "bad-cuda-index"])
+def test_what_cannot_segment_is_said_without_a_traceback(scene, tmp_path, capsys, args, said):
+    path, _, _, _ = scene
+    out = tmp_path / "a.zarr"
+    assert main(["segment", str(path), "-o", str(out), *args]) == 2
+    assert said in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("flag", [["--patch-batch", "4"], ["--top-k", "2"], ["--threshold", "0.4"],
                                   ["--scorer", "ppn"]])
 def test_grnet_flags_are_refused_for_other_methods(scene, tmp_path, capsys, flag):

@@ -52,10 +52,12 @@ def select_device(requested: str | None = None, *, threads: int | None = None, l
     """
     import torch
 
+    from napari_uhrseg.errors import DeviceError
+
     requested = (requested or os.environ.get("UHRSEG_DEVICE") or "auto").strip().lower()
-    kind = requested.split(":")[0]
-    if kind not in _VALID:
-        raise ValueError(f"Unknown device {requested!r}: use one of auto, cpu, cuda, cuda:N, mps.")
+    kind, _, index = requested.partition(":")
+    if kind not in _VALID or (index and (kind != "cuda" or not index.isdigit())):
+        raise DeviceError(f"Unknown device {requested!r}: use one of auto, cpu, cuda, cuda:N, mps.")
     n_threads = threads if threads is not None else default_threads(leave_for_ui)
     torch.set_num_threads(max(1, n_threads))
 
@@ -72,13 +74,16 @@ def select_device(requested: str | None = None, *, threads: int | None = None, l
 
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("CUDA was requested but torch sees no CUDA GPU: choose device 'cpu' or 'auto'.")
+            raise DeviceError("CUDA was requested but torch sees no CUDA GPU: choose device 'cpu' or 'auto'.")
+        if index and int(index) >= torch.cuda.device_count():
+            raise DeviceError(f"{requested} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                              f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}: choose one of them.")
         dev = torch.device(requested)
         props = torch.cuda.get_device_properties(dev)
         name = f"CUDA: {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     elif kind == "mps":
         if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise RuntimeError("MPS was requested but is not available: choose device 'cpu' or 'auto'.")
+            raise DeviceError("MPS was requested but is not available: choose device 'cpu' or 'auto'.")
         name = "Apple MPS"
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"

@@ -17,5 +17,9 @@ class ExportError(UhrsegError, OSError):
     """An export could not be written; the previous file, if any, is untouched."""
 
 
+class DeviceError(UhrsegError, ValueError):
+    """The device asked for does not exist on this machine (or is not a device name)."""
+
+
 class Cancelled(UhrsegError):
     """A long job was cancelled by the user; finished work is kept."""

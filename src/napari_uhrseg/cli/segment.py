@@ -74,6 +74,9 @@ def run(args) -> int:
     overlays_path = Path(args.overlays) if args.overlays else default_overlays_path(out)
     _check_outputs(out, overlays_path)  # a bad suffix or folder fails now, not after the whole image
     region = parse_region(args.region)
+    if args.method == "cascadepsp":
+        raise UhrsegError("CascadePSP refines labels that exist, it does not segment: segment with grnet, magnet or "
+                          "magnet-fast, then `uhrseg refine IMAGE --mask LABELS -o OUT`.")
     choice = select_device(args.device)
     method = build_method(args.method, args.checkpoint, choice.device, args.mode)
     if args.patch_batch is not None:
