@@ -104,6 +104,31 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "junk.png" in err
 
 
+@pytest.mark.parametrize("name, make, said", [
+    ("nopages.tif", lambda p: p.write_bytes(b"II*\x00" + b"\x00" * 50), "damaged TIFF"),
+    ("garbage.tif", lambda p: p.write_bytes(b"II*\x00" + b"\xff" * 64), "damaged TIFF"),
+    ("truncated.tif", None, "is truncated"),
+], ids=["no-pages", "garbage", "truncated"])
+def test_damaged_label_tiffs_are_a_message_in_every_command(tmp_path, capsys, name, make, said):
+    import tifffile
+
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.arange(600 * 800, dtype=np.uint32).reshape(600, 800) % 5)
+    bad = tmp_path / name
+    if make is None:
+        bad.write_bytes(good.read_bytes()[:300])
+    else:
+        make(bad)
+    code, err = _run(capsys, good, bad)
+    assert code == 2 and said in err and "Traceback" not in err
+    _save(tmp_path / "img.png", np.zeros((600, 800, 3), np.uint8))
+    for argv in (["refine", str(tmp_path / "img.png"), "--mask", str(bad), "-o", str(tmp_path / "r.ome.tif")],
+                 ["export", str(bad), "-o", str(tmp_path / "e.ome.tif")]):
+        assert main(argv) == 2
+        assert said in capsys.readouterr().err
+    assert not (tmp_path / "r.ome.tif").exists() and not (tmp_path / "e.ome.tif").exists()
+
+
 @pytest.mark.skipif(shared_data_dir() is None or not (shared_data_dir() / "deepglobe").is_dir(),
                     reason="no ../shared/data")
 def test_eval_a_real_deepglobe_mask_against_itself(capsys):

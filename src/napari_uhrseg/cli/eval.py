@@ -111,18 +111,20 @@ def _read_labels(path: Path, fmt: str):
 
     if fmt == "deepglobe" and not path.is_dir():
         return read_mask(path, decode=decode_deepglobe_mask)
-    try:
-        from napari_uhrseg.io.labels import open_label_store
+    from napari_uhrseg.io.labels import open_label_store
 
+    try:
         return open_label_store(path, writable=False).array
-    except ImportError:
-        pass
-    except UhrsegError:
+    except UhrsegError as exc:
         if path.is_dir():
             raise
-    mask = read_mask(path)  # e.g. an RGB PNG whose channels are equal
-    if mask.ndim != 2:
-        raise UhrsegError(f"{path}: expected single-channel labels; for DeepGlobe colour masks use --format deepglobe.")
+        first = exc
+    try:
+        mask = read_mask(path)  # e.g. an RGB PNG whose channels are equal
+    except Exception:  # noqa: BLE001 - not an image either: the label reader's message says what is wrong
+        raise first from None
+    if mask.ndim != 2 or mask.size == 0:
+        raise UhrsegError(f"{first} (DeepGlobe colour masks: --format deepglobe)") from None
     return mask
 
 

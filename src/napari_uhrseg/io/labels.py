@@ -290,10 +290,31 @@ def _open_tiff_labels(path: Path) -> LabelStore:
 
     from napari_uhrseg.io.ome import read_class_metadata
 
-    tif = tifffile.TiffFile(path)
-    series = tif.series[0]
-    node = zarr.open(series.aszarr(level=0), mode="r")
-    _check_label_array(node, path)
+    from napari_uhrseg.io.formats import _check_complete, _tifffile_quiet
+
+    try:
+        with _tifffile_quiet():
+            tif = tifffile.TiffFile(path)
+            series = tif.series[0] if tif.series else None
+    except Exception as exc:  # noqa: BLE001 - tifffile raises TiffFileError, ValueError, struct.error, ...
+        raise UnsupportedImageError(f"{path} is a damaged TIFF ({exc}): re-export the labels.") from None
+    if series is None:
+        tif.close()
+        raise UnsupportedImageError(f"{path} is a damaged TIFF: it contains no image. Re-export the labels.")
+    try:
+        _check_complete(series, path)  # a truncated copy: said now, not at the first read of its pixels
+        node = zarr.open(series.aszarr(level=0), mode="r")
+    except UnsupportedImageError:
+        tif.close()
+        raise
+    except Exception as exc:  # noqa: BLE001
+        tif.close()
+        raise UnsupportedImageError(f"{path} could not be read as a TIFF ({exc}): re-export the labels.") from None
+    try:
+        _check_label_array(node, path)
+    except UnsupportedImageError:
+        tif.close()
+        raise
     info = read_class_metadata(tif.ome_metadata if tif.is_ome else tif.pages[0].description)
     store = LabelStore(node, path=path, writable=False, attrs=info)
     store._tif = tif  # the zarr array reads through this open file
@@ -305,7 +326,12 @@ def _open_png_labels(path: Path) -> LabelStore:
 
     from PIL import Image
 
-    with Image.open(path) as im:
+    try:
+        im = Image.open(path)
+        im.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
+        raise UnsupportedImageError(f"{path} is not a readable PNG ({exc}): re-export the labels.") from None
+    with im:
         if im.mode not in ("P", "L", "I;16", "I;16B", "I", "1"):
             raise UnsupportedImageError(
                 f"{path} is a {im.mode} colour PNG, not a label image: export labels as a palette or 16-bit PNG."
