@@ -141,6 +141,30 @@ def test_sparse_label_training_lowers_the_loss():
     assert main and all(np.isfinite(s["L"]) and s["patches"] >= 1 for s in main)
 
 
+def test_mainbody_trains_the_patches_its_scorer_would_refine(monkeypatch):
+    # With scorer="uncertainty" inference refines the patches the G-branch doubts most; the Mainbody steps must
+    # train the R-branch on those, not on PPN's choice (which inference no longer uses).
+    import napari_uhrseg.methods.grnet_ppn as G
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg(global_share=0.0, top_k=1, selection="topk", scorer="uncertainty")
+    img, lab = two_region_scene(128, sparse=False)
+    data = RandomCrops([LabelledImage(img, lab)], 128, ignore_zero=True, seed=0)
+    trainer = GRNetTrainer(GRNet(cfg, 3, pretrained=False), cfg, data, [], class_names=["u", "dark", "bright"],
+                           total_steps=4, batch_size=2, round_steps=1, max_train_patches=1)
+    assert trainer.settings.scorer == "uncertainty"
+    seen, ppn_calls = [], []
+    real = G.patch_uncertainty
+    monkeypatch.setattr(G, "patch_uncertainty", lambda lg, grid: seen.append(real(lg, grid)) or seen[-1])
+    monkeypatch.setattr(trainer.model.ppn, "forward", lambda *a: ppn_calls.append(1) or torch.zeros(1))
+    chosen = []
+    monkeypatch.setattr(trainer, "_chosen_cells", lambda prob, f=trainer._chosen_cells: chosen.append(f(prob))
+                        or chosen[-1])
+    out = trainer._main_step()
+    assert out["patches"] == 1 and not ppn_calls and len(seen) == 2  # one ranking per crop, no PPN pass
+    assert [c[0] for c in chosen] == [int(torch.argmax(u)) for u in seen]
+
+
 def test_run_training_saves_stops_and_resumes(tmp_path):
     cfg = tiny_cfg(global_share=0.25)
     img, lab = two_region_scene(256, sparse=False)

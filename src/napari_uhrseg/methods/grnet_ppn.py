@@ -500,8 +500,9 @@ class GRNetTrainer:
         return {"L_PPN": float(loss.detach()), "ppn_positive": float(labels[mask].mean())}
 
     def _chosen_cells(self, prob: torch.Tensor) -> list[int]:
-        """Patches the (fixed) PPN selects for training, most probable first, at most ``max_train_patches``;
-        at least the most probable one so that the R-branch always learns."""
+        """Patches the inference rule selects for training (the fixed PPN's probabilities, or the G-branch's doubt
+        with ``scorer="uncertainty"``), highest first, at most ``max_train_patches``; at least the highest one so
+        that the R-branch always learns."""
         sel = select_patches(prob, self.settings.selection, self.settings.threshold, self.settings.top_k)
         order = [int(i) for i in torch.argsort(prob, descending=True)]
         chosen = [i for i in order if sel[i]][: self.max_train_patches]
@@ -510,13 +511,18 @@ class GRNetTrainer:
     def _main_step(self):
         x, t = self._batch()
         grid, m = self.train_grid, self.model
-        m.eval()
-        with torch.no_grad():
-            x_g = F.interpolate(x, size=(self.train_global,) * 2, mode="bilinear", align_corners=False, antialias=True)
-            prob = torch.sigmoid(m.ppn(x_g, grid))
+        doubt = self.settings.scorer == "uncertainty"
+        if not doubt:
+            m.eval()
+            with torch.no_grad():
+                x_g = F.interpolate(x, size=(self.train_global,) * 2, mode="bilinear", align_corners=False,
+                                    antialias=True)
+                prob = torch.sigmoid(m.ppn(x_g, grid))
         m.train()
         m.ppn.eval()
         (feat_g, logits_g), _ = m.forward_global(x, self.train_global)
+        if doubt:  # the patches inference will refine: ranked by the G-branch's own doubt, as in predict
+            prob = torch.stack([patch_uncertainty(logits_g[n : n + 1].detach(), grid) for n in range(x.shape[0])])
         loss_g = point_focal_loss(logits_g, t, self.gamma)
         side = x.shape[-1]
         cell, gcell, r = side // grid, feat_g.shape[-1] // grid, self.cfg["refine_size"]
