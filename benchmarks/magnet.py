@@ -220,14 +220,16 @@ def main(argv=None) -> int:
                                  "errors_in_top10_uncertainty": share, "best_possible_share": best,
                                  "pixel_error_rate": inside[c][1] / max(inside[c][2], 1)}
         print(f"{c:14s} {100 * miou:6.2f}  " + " ".join(f"{100 * v:6.1f}" for v in per_class[1:])
-              + f"  {np.mean(seconds[c]):8.2f}  ({np.mean(cpu_seconds[c]):5.2f})  {peak[c]:12.0f}  {np.mean(faults[c]):13.0f}"
+              + f"  {np.mean(seconds[c]):8.2f}  ({np.mean(cpu_seconds[c]):5.2f})  {peak[c]:12.0f}"
+              + f"  {np.mean(faults[c]):13.0f}"
               + f"  {share:8.1%} ({best:.1%})")
     print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     if args.ceiling:
         shared = float(np.mean(seconds["no-patches"]))
         per_patch = {c: (float(np.mean(seconds[c])) - shared) / max(float(np.mean(refined[c])), 1)
                      for c in ("magnet", "magnet-fast")}
-        ceiling = (float(np.mean(seconds["magnet"])) - shared) / max(float(np.mean(seconds["magnet-fast"])) - shared, 1e-9)
+        fast_patches = max(float(np.mean(seconds["magnet-fast"])) - shared, 1e-9)
+        ceiling = (float(np.mean(seconds["magnet"])) - shared) / fast_patches
         print(f"shared work per window (no patch refined): {1000 * shared:.0f} ms; patches refined per window: "
               f"MagNet {np.mean(refined['magnet']):.0f}, MagNet-Fast {np.mean(refined['magnet-fast']):.0f}; per "
               f"refined patch: MagNet {1000 * per_patch['magnet']:.0f} ms, MagNet-Fast "

@@ -261,7 +261,8 @@ def test_train_main_on_the_users_own_pairs(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "on 1 real tiles (1 of yours)" in said  # DeepGlobe and MoNuSeg are left out unless asked for
     meta = read_checkpoint_meta(out)
-    assert meta["training"]["images"] == 1 and meta["training"]["deepglobe"] == [] and meta["training"]["monuseg"] == []
+    training = meta["training"]
+    assert training["images"] == 1 and training["deepglobe"] == [] and training["monuseg"] == []
     for args, message in ((["--images", images], "go together"),
                           (["--images", images, "--masks", str(tmp_path / "nope")], "is not a folder"),
                           (["--images", str(tmp_path), "--masks", masks], "has a label image")):

@@ -220,7 +220,8 @@ def click_segment(
             f"{labels_shape[0]}×{labels_shape[1]} px: segment this image again, or click without the prediction."
         )
     if not 0 <= level < len(pyramid.levels):
-        raise UhrsegError(f"Working level {level} does not exist: {pyramid.name} has levels 0..{len(pyramid.levels) - 1}.")
+        raise UhrsegError(f"Working level {level} does not exist: {pyramid.name} has levels "
+                          f"0..{len(pyramid.levels) - 1}.")
     level_shape = pyramid.level_shape(level)
     level_ds = coords.level_scale(pyramid.shape, level_shape)
     labels_ds = coords.level_scale(pyramid.shape, labels_shape)

@@ -770,7 +770,8 @@ def _user_tiles(images, masks) -> list:
             raise datasets.DatasetError(f"{mask.name} ({lab.shape}) is not a 2-D label image of the size of "
                                         f"{image.name} {rgb.shape[:2]}: export the labels at the image's size.")
         if not lab.any():
-            raise datasets.DatasetError(f"{mask.name} has no labels (all 0): label the objects, or leave the pair out.")
+            raise datasets.DatasetError(f"{mask.name} has no labels (all 0): label the objects, or leave the "
+                                        "pair out.")
         values = np.unique(lab[lab != 0])
         if len(values) >= UNKNOWN_LABEL:  # instance ids: one object class, their union
             compact = (lab != 0).astype(np.uint8)
@@ -854,7 +855,8 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
     ap.add_argument("--deepglobe", default=None,
                     help="'train' (the project's split; the default without --images), 'none', or comma ids")
     ap.add_argument("--monuseg", default=None,
-                    help=f"MoNuSeg tile names to train on, or 'none' (default without --images: {','.join(MONUSEG_TRAIN)})")
+                    help="MoNuSeg tile names to train on, or 'none' (default without --images: "
+                         f"{','.join(MONUSEG_TRAIN)})")
     ap.add_argument("--images", default=None, help="your own training images: a folder (with --masks)")
     ap.add_argument("--masks", default=None,
                     help="their label images <stem>.png, every object labelled (0 = background); each label value "
