@@ -102,6 +102,16 @@ def test_labels_of_another_size_than_the_image_are_refused(scene, shape):
     assert np.array_equal(labels, keep)
 
 
+def test_labels_of_another_pyramid_of_the_image_are_accepted(scene):
+    # A level of the file's pyramid may be a pixel off the one the refiner builds (rounded the other way): it is
+    # still the image's frame, one downsample on both axes.
+    image, labels, brush = scene
+    half = cv2.resize(labels, (151, 149), interpolation=cv2.INTER_NEAREST)  # 300 / 2, rounded either way
+    brush_half = cv2.resize(brush, (151, 149), interpolation=cv2.INTER_NEAREST)
+    edit = refine_region(image, half, brush_half, refiner=CascadePSP(GrowDouble()))
+    assert edit.changed > 0
+
+
 @pytest.mark.parametrize("L", [0, 16, 10_000])
 def test_a_global_step_size_out_of_range_is_refused(scene, L):
     image, labels, brush = scene

@@ -81,6 +81,12 @@ def check_labels_frame(pyramid, labels_shape, what: str = "labels") -> None:
     levels = [pyramid.level_shape(i) for i in range(len(pyramid.levels))]
     if shape in levels:
         return
+    # Another pyramid of the same image (napari's, the file's: levels rounded up or down) is the same frame:
+    # one downsample for both axes, to within the rounding of a level's size.
+    (H, W), (h, w) = levels[0], shape
+    d = (H / max(h, 1) + W / max(w, 1)) / 2
+    if abs(H / d - h) <= 1.5 and abs(W / d - w) <= 1.5:
+        return
     sizes = ", ".join(f"{h}×{w}" for h, w in levels)
     raise UhrsegError(
         f"The {what} are {shape[0]}×{shape[1]} px but {pyramid.name} is {levels[0][0]}×{levels[0][1]} px"
