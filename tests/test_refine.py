@@ -1,4 +1,6 @@
 """Brushed-region refinement (engine.refine) and `uhrseg refine`: only brushed pixels change; bad input."""
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -100,6 +102,31 @@ def test_labels_of_another_size_than_the_image_are_refused(scene, shape):
     with pytest.raises(UhrsegError, match=f"labels are {shape[0]}×{shape[1]} px but .* is 300×300 px"):
         refine_region(image, labels, brush, refiner=CascadePSP(GrowDouble()))
     assert np.array_equal(labels, keep)
+
+
+def test_labels_of_a_region_refine_as_the_same_pixels_of_whole_labels(scene):
+    # A Segment run on a region makes labels of the region's size; placed in their frame (FramedLabels) they
+    # refine exactly as the same pixels of whole-image labels do.
+    from napari_uhrseg.engine.refine import FramedLabels
+
+    image, labels, brush = scene
+    full = refine_region(image, labels, brush, refiner=CascadePSP(GrowDouble()))
+    expected = labels.copy()
+    full.apply(expected)
+    part, part_brush = labels[50:250, 60:260].copy(), brush[50:250, 60:260].copy()
+    framed = FramedLabels(part, labels.shape, (50, 60))
+    assert framed.shape == labels.shape and np.array_equal(framed[0:300, 0:300], labels)
+    edit = refine_region(image, framed, FramedLabels(part_brush, labels.shape, (50, 60)),
+                         refiner=CascadePSP(GrowDouble()))
+    assert edit.box == full.box  # frame pixels
+    local = framed.local(edit)
+    assert local.box == (edit.box[0] - 50, edit.box[1] - 60, edit.box[2] - 50, edit.box[3] - 60)
+    local.apply(part)
+    assert np.array_equal(part, expected[50:250, 60:260]) and local.changed == full.changed > 0
+    assert framed.local(dataclasses.replace(edit, box=(0, 0, 20, 20), before=edit.before[:20, :20],
+                                            after=edit.after[:20, :20])) is None  # wholly outside the region
+    with pytest.raises(UhrsegError, match="do not fit"):
+        FramedLabels(part, labels.shape, (150, 60))
 
 
 def test_labels_of_another_pyramid_of_the_image_are_accepted(scene):

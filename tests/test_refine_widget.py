@@ -117,3 +117,39 @@ def test_click_seeds_from_the_segment_output(make_napari_viewer, qtbot):
     widget.click_at((140.0, 200.0))
     assert "not the size of the labels" in widget.status.text()
     assert NO_PREDICTION in [widget.prediction_combo.itemText(i) for i in range(widget.prediction_combo.count())]
+
+
+def test_labels_of_a_segmented_region_refine_and_click_in_place(make_napari_viewer, qtbot):
+    """A Segment run on a region gives a labels layer of the region's size, translated onto the image: Refine and
+    click work on it in place (before 2026-12-03 its pixels were stretched over the whole image)."""
+    from napari_uhrseg.engine.refine import refine_region
+    from napari_uhrseg.widgets.refine import RefineWidget
+
+    viewer = make_napari_viewer()
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    viewer.add_image(image, name="img", rgb=True)
+    whole = np.zeros((256, 256), np.uint8)
+    whole[80:160, 80:160] = 1
+    region = viewer.add_labels(whole[40:200, 60:230].copy(), name="img labels", translate=(40, 60))
+    widget = RefineWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.synchronous = True
+    widget.refiner = CascadePSP(GrowDouble())
+    brush = widget.add_brush_layer()
+    assert brush.data.shape == region.data.shape and tuple(brush.translate) == (40, 60)
+    brush.data[60:100, 90:115] = 1  # image rows 100–140, columns 150–175: across the square's right edge
+    before = region.data.copy()
+    widget.refine()
+    changed = region.data != before
+    assert changed.any(), widget.status.text()
+    brushed = np.zeros((256, 256), np.uint8)
+    brushed[100:140, 150:175] = 1
+    expected = whole.copy()
+    refine_region(image, whole, brushed, refiner=CascadePSP(GrowDouble())).apply(expected)
+    assert np.array_equal(region.data, expected[40:200, 60:230])  # the same pixels as whole-image labels
+    region.undo()
+    assert np.array_equal(region.data, before)
+    region.selected_label = 2
+    widget.click_at((120.0, 120.0))  # world = image pixels: inside the square
+    assert region.data[80, 60] == 2, widget.status.text()  # image pixel (120, 120) in the region's own pixels

@@ -214,9 +214,10 @@ def click_segment(
     pyramid = open_pyramid(image)
     labels_shape = tuple(labels.shape[:2])
     check_labels_frame(pyramid, labels_shape)
-    if prediction is not None and tuple(np.shape(prediction)[:2]) != labels_shape:
+    pred_shape = None if prediction is None else tuple(getattr(prediction, "shape", np.shape(prediction)))[:2]
+    if prediction is not None and pred_shape != labels_shape:
         raise UhrsegError(
-            f"The prediction is {np.shape(prediction)[0]}×{np.shape(prediction)[1]} px but the labels are "
+            f"The prediction is {pred_shape[0]}×{pred_shape[1]} px but the labels are "
             f"{labels_shape[0]}×{labels_shape[1]} px: segment this image again, or click without the prediction."
         )
     if not 0 <= level < len(pyramid.levels):

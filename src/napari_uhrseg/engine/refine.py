@@ -60,6 +60,8 @@ def _as_pyramid(image):
 
 def brushed_box(region) -> tuple[int, int, int, int] | None:
     """Bounding box ``(y0, x0, y1, x1)`` of the non-zero pixels of ``region`` (numpy, zarr or dask), or None."""
+    if isinstance(region, FramedLabels):
+        return region.bounding_box()
     if hasattr(region, "chunks") and not isinstance(region, np.ndarray):
         import dask.array as da
 
@@ -72,6 +74,62 @@ def brushed_box(region) -> tuple[int, int, int, int] | None:
     if rows.size == 0:
         return None
     return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+class FramedLabels:
+    """Labels that cover part of their frame: ``data`` (h, w) sits at ``origin`` of a frame of ``shape`` (level 0
+    of the image or one of its levels); reading outside ``data`` gives 0. It is what a Labels layer segmented for
+    a region (the Segment dock's region or box) is to ``refine_region`` and ``click_segment``, which work in
+    whole frames. ``local(edit)`` is that edit cut to ``data``'s own pixels."""
+
+    ndim = 2
+
+    def __init__(self, data, shape, origin):
+        self.data = data
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.origin = (int(origin[0]), int(origin[1]))
+        self.dtype = np.dtype(data.dtype)
+        h, w = data.shape[:2]
+        oy, ox = self.origin
+        if oy < 0 or ox < 0 or oy + h > self.shape[0] or ox + w > self.shape[1]:
+            raise UhrsegError(f"Labels of {h}×{w} px at {self.origin} do not fit their {self.shape[0]}×{self.shape[1]} "
+                              "px frame: the layer's scale or translate was changed; segment the region again.")
+
+    def _intersect(self, y0, x0, y1, x1):
+        oy, ox = self.origin
+        h, w = self.data.shape[:2]
+        return max(y0, oy), max(x0, ox), min(y1, oy + h), min(x1, ox + w)
+
+    def __getitem__(self, key):
+        ys, xs = key
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        out = np.zeros((max(0, y1 - y0), max(0, x1 - x0)), self.dtype)
+        iy0, ix0, iy1, ix1 = self._intersect(y0, x0, y1, x1)
+        if iy1 > iy0 and ix1 > ix0:
+            oy, ox = self.origin
+            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = np.asarray(self.data[iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox])
+        return out
+
+    def bounding_box(self):
+        """``brushed_box`` of the data, in frame pixels (None when nothing is set)."""
+        box = brushed_box(self.data)
+        if box is None:
+            return None
+        oy, ox = self.origin
+        return box[0] + oy, box[1] + ox, box[2] + oy, box[3] + ox
+
+    def local(self, edit: RefineEdit) -> RefineEdit | None:
+        """``edit`` (frame pixels) cut to the data and moved into its pixels; None when none of it is inside."""
+        y0, x0, y1, x1 = edit.box
+        iy0, ix0, iy1, ix1 = self._intersect(y0, x0, y1, x1)
+        if iy1 <= iy0 or ix1 <= ix0:
+            return None
+        sl = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
+        before, after = edit.before[sl], edit.after[sl]
+        oy, ox = self.origin
+        return RefineEdit((iy0 - oy, ix0 - ox, iy1 - oy, ix1 - ox), before, after,
+                          int(np.count_nonzero(after != before)), edit.seconds, note=edit.note)
 
 
 def check_labels_frame(pyramid, labels_shape, what: str = "labels") -> None:

@@ -149,13 +149,15 @@ class RefineWidget(QWidget):
         name = combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def _prediction(self, labels_data):
+    def _prediction(self, labels_data, image=None):
         """(the chosen prediction layer's data, "") when it shares the labels' frame, else (None, why not)."""
         name = self.prediction_combo.currentText()
         if name == NO_PREDICTION or name not in self.viewer.layers:
             return None, ""
         layer = self.viewer.layers[name]
         data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        if image is not None and not getattr(layer, "multiscale", False):
+            data = self._in_frame(data, layer, image)
         if tuple(data.shape[-2:]) != tuple(labels_data.shape[-2:]):
             return None, (f"{name!r} ({data.shape[-2]} x {data.shape[-1]} px) is not the size of the labels "
                           f"({labels_data.shape[-2]} x {labels_data.shape[-1]}): seeding from the image colours. ")
@@ -164,6 +166,23 @@ class RefineWidget(QWidget):
     def _image_data(self, layer):
         """Level 0 of the image layer (a list of levels for multiscale layers)."""
         return layer.data[0] if layer.multiscale else layer.data
+
+    @staticmethod
+    def _in_frame(data, layer, image):
+        """``data`` of a labels-like ``layer`` as the engine takes it: as it is when it covers the whole image,
+        else a ``FramedLabels`` placing it in its level's frame (a Segment run on a region or a box makes a layer
+        of the region's size, put in place by its scale and translate)."""
+        from napari_uhrseg.engine.refine import FramedLabels
+        from napari_uhrseg.widgets._layers import image_geometry
+
+        scale, translate = image_geometry(image)
+        d = np.asarray(layer.scale, float)[-2:] / scale
+        origin = ((np.asarray(layer.translate, float)[-2:] - translate) / scale - (d - 1.0) / 2.0) / d
+        if np.allclose(origin, 0, atol=0.01):
+            return data
+        level0 = np.asarray(image.data[0].shape[:2] if image.multiscale else image.data.shape[:2], float)
+        frame = np.ceil(level0 / d - 1e-6).astype(int)  # the level of downsample d, rounded up as our pyramids are
+        return FramedLabels(data, frame, np.round(origin).astype(int))
 
     def add_brush_layer(self):
         labels = self._layer(self.labels_combo)
@@ -241,8 +260,16 @@ class RefineWidget(QWidget):
             self._refiner_path = wanted
         return self.refiner
 
-    def apply_edit(self, labels_layer, edit):
-        """Write a ``RefineEdit`` into the layer as one undo step."""
+    def apply_edit(self, labels_layer, edit, frame=None):
+        """Write a ``RefineEdit`` into the layer as one undo step (``frame``: the ``FramedLabels`` the edit was
+        made on, for a layer that covers a region: the edit is cut to the layer's own pixels)."""
+        from napari_uhrseg.engine.refine import FramedLabels
+
+        if isinstance(frame, FramedLabels):
+            local = frame.local(edit)
+            if local is None:
+                return self._say("The edit fell outside the segmented region of the labels: nothing changed.")
+            edit = local
         self.last_edit = edit
         y0, x0, _, _ = edit.box
         rows, cols = np.nonzero(edit.after != edit.before)
@@ -261,14 +288,15 @@ class RefineWidget(QWidget):
             return self._say("Choose an image and a labels layer, add the refine brush and paint over the border.")
         if labels.multiscale:
             return self._say("Multiscale labels cannot be edited in napari: use a single-scale labels layer.")
-        data, lab, region = self._image_data(image), labels.data, brush.data
+        data = self._image_data(image)
+        lab, region = self._in_frame(labels.data, labels, image), self._in_frame(brush.data, brush, image)
         fast, L, level = self.fast_check.isChecked(), self.L_spin.value(), self.level_spin.value()
 
         def job():
             return refine_region(data, lab, region, level=level, fast=fast, L=L, refiner=self._refiner())
 
         def done(edit):
-            self.apply_edit(labels, edit)
+            self.apply_edit(labels, edit, lab)
             brush.data = np.zeros_like(brush.data)
 
         self._say("Refining…")
@@ -324,13 +352,14 @@ class RefineWidget(QWidget):
             return self._say("Choose an image and a labels layer for click mode.")
         # Level-0 pixel coordinates of the click: the image layer's data coordinates (level 0 for multiscale).
         point = np.asarray(image.world_to_data(world_position))[-2:]
-        data, lab, label_id = self._image_data(image), labels.data, int(labels.selected_label)
+        data, label_id = self._image_data(image), int(labels.selected_label)
+        lab = self._in_frame(labels.data, labels, image)
         level = self.level_spin.value()
-        prediction, note = self._prediction(lab)
+        prediction, note = self._prediction(lab, image)
 
         def job():
             return click_segment(data, lab, point, label_id=label_id, remove=remove, level=level,
                                  prediction=prediction, refiner=self._refiner())  # fmt: skip
 
         self._say(f"{note}Segmenting…")
-        return self._run(job, lambda edit: self.apply_edit(labels, edit))
+        return self._run(job, lambda edit: self.apply_edit(labels, edit, lab))
