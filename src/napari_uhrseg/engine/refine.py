@@ -92,8 +92,9 @@ class FramedLabels:
         h, w = data.shape[:2]
         oy, ox = self.origin
         if oy < 0 or ox < 0 or oy + h > self.shape[0] or ox + w > self.shape[1]:
-            raise UhrsegError(f"Labels of {h}×{w} px at {self.origin} do not fit their {self.shape[0]}×{self.shape[1]} "
-                              "px frame: the layer's scale or translate was changed; segment the region again.")
+            raise UhrsegError(f"Labels of {h}×{w} px at {self.origin} do not fit their "
+                              f"{self.shape[0]}×{self.shape[1]} px frame: the layer's scale or translate was "
+                              "changed; segment the region again.")
 
     def _intersect(self, y0, x0, y1, x1):
         oy, ox = self.origin
@@ -108,7 +109,8 @@ class FramedLabels:
         iy0, ix0, iy1, ix1 = self._intersect(y0, x0, y1, x1)
         if iy1 > iy0 and ix1 > ix0:
             oy, ox = self.origin
-            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = np.asarray(self.data[iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox])
+            inside = self.data[iy0 - oy : iy1 - oy, ix0 - ox : ix1 - ox]
+            out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = np.asarray(inside)
         return out
 
     def bounding_box(self):
