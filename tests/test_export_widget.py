@@ -144,3 +144,34 @@ def test_file_save_keeps_classes_colours_and_pixel_size_of_a_segment_layer(make_
     assert [list(c[:3]) for c in colors][1:3] == [[0, 204, 0], [255, 0, 255]]
     if suffix == ".ome.tif":
         assert store.info["pixel_size"] == (0.5, 0.5) and store.info.get("pixel_unit") in ("µm", "um")
+
+
+@pytest.mark.parametrize("fmt", ["ome-tiff", "geojson"])
+def test_labels_of_a_segmented_region_are_exported_where_they_lie(qtbot, make_napari_viewer, tmp_path, fmt):
+    # A Segment run on a region makes a labels layer of the region's size, placed by scale and translate. For
+    # QuPath and GIS tools its objects must keep the image's coordinates, the rest unlabelled (as `uhrseg
+    # segment --region` exports), not move to the image's corner.
+    from napari_uhrseg.io.geojson import rasterize
+    from napari_uhrseg.io.labels import open_label_store
+    from napari_uhrseg.widgets._layers import labels_geometry
+    from napari_uhrseg.widgets.export import ExportWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((360, 520), np.uint8), name="slide")
+    region = _scene_labels()[:90, :130]  # at working level 1 (downsample 2), from working pixel (40, 60)
+    scale, translate = labels_geometry(image, 2.0, (40, 60))
+    labels = viewer.add_labels(region, name="slide labels", scale=scale, translate=translate)
+    write_classes(labels, NAMES, COLORS)
+    dock = ExportWidget(viewer)
+    assert (dock.image_combo.layer() or dock._image_for(labels)) is image
+    expected = np.zeros((180, 260), np.uint8)
+    expected[40:130, 60:190] = region
+    suffix = {"ome-tiff": ".ome.tif", "geojson": ".geojson"}[fmt]
+    result = _export(qtbot, dock, tmp_path / f"region{suffix}", fmt)
+    assert not isinstance(result, BaseException), result
+    if fmt == "geojson":
+        doc = json.loads(result.read_text())
+        back = rasterize(doc["features"], expected.shape, doc["properties"]["class_names"], scale=(2.0, 2.0))
+        np.testing.assert_array_equal(back, expected)  # level-0 coordinates of the image
+    else:
+        np.testing.assert_array_equal(np.asarray(open_label_store(result, writable=False).array[:]), expected)

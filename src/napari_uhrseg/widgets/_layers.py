@@ -100,6 +100,24 @@ def labels_geometry(image_layer, downsample, store_origin) -> tuple[np.ndarray, 
     return scale * d, translate + scale * (origin * d + (d - 1.0) / 2.0)
 
 
+def labels_in_frame(data, layer, image_layer):
+    """``data`` of a labels-like ``layer`` in its level's whole frame: as it is when it starts at the image's
+    corner, else an ``engine.refine.FramedLabels`` (0 outside ``data``). A Segment run on a region or a box makes
+    a layer of the region's size, put in place by its scale and translate (``labels_geometry``); this undoes
+    that, so refining, clicking and exporting see it where it lies on the image."""
+    from napari_uhrseg.engine.refine import FramedLabels
+
+    scale, translate = image_geometry(image_layer)
+    d = np.asarray(layer.scale, float)[-2:] / scale
+    origin = ((np.asarray(layer.translate, float)[-2:] - translate) / scale - (d - 1.0) / 2.0) / d
+    if np.all(np.abs(origin) < 0.5):  # at the corner (a user's own layer may be placed a fraction off)
+        return data
+    level0 = image_layer.data[0].shape if image_layer.multiscale else image_layer.data.shape
+    level0 = np.asarray(level0[:2], float)
+    frame = np.ceil(level0 / d - 1e-6).astype(int)  # the level of downsample d, rounded up as our pyramids are
+    return FramedLabels(data, frame, np.round(origin).astype(int))
+
+
 def labels_data(store):
     """What a Labels layer shows for ``store``: the array itself when small (edits write through), else a lazy
     multiscale pyramid (nearest-neighbour 2 x 2 striding) read chunk by chunk."""

@@ -220,8 +220,13 @@ class ExportWidget(QWidget):
             pixel_size = tuple(float(v) for v in labels.scale[-2:])
         if colors is not None:  # export_labels takes 0..255 RGB triples
             colors = [[int(round(255 * float(v))) for v in c[:3]] for c in colors]
+        data = level0_data(labels)
+        if image is not None:  # labels of a segmented region: exported where they lie, the rest unlabelled
+            from napari_uhrseg.widgets._layers import labels_in_frame
+
+            data = labels_in_frame(data, labels, image)
         return {
-            "labels": level0_data(labels),
+            "labels": data,
             "path": Path(path).expanduser(),
             "format": self.format,
             "class_names": names or None,

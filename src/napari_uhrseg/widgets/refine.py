@@ -169,20 +169,10 @@ class RefineWidget(QWidget):
 
     @staticmethod
     def _in_frame(data, layer, image):
-        """``data`` of a labels-like ``layer`` as the engine takes it: as it is when it covers the whole image,
-        else a ``FramedLabels`` placing it in its level's frame (a Segment run on a region or a box makes a layer
-        of the region's size, put in place by its scale and translate)."""
-        from napari_uhrseg.engine.refine import FramedLabels
-        from napari_uhrseg.widgets._layers import image_geometry
+        """``data`` of a labels-like ``layer`` as the engine takes it (see ``_layers.labels_in_frame``)."""
+        from napari_uhrseg.widgets._layers import labels_in_frame
 
-        scale, translate = image_geometry(image)
-        d = np.asarray(layer.scale, float)[-2:] / scale
-        origin = ((np.asarray(layer.translate, float)[-2:] - translate) / scale - (d - 1.0) / 2.0) / d
-        if np.allclose(origin, 0, atol=0.01):
-            return data
-        level0 = np.asarray(image.data[0].shape[:2] if image.multiscale else image.data.shape[:2], float)
-        frame = np.ceil(level0 / d - 1e-6).astype(int)  # the level of downsample d, rounded up as our pyramids are
-        return FramedLabels(data, frame, np.round(origin).astype(int))
+        return labels_in_frame(data, layer, image)
 
     def add_brush_layer(self):
         labels = self._layer(self.labels_combo)
