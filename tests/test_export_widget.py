@@ -175,3 +175,27 @@ def test_labels_of_a_segmented_region_are_exported_where_they_lie(qtbot, make_na
         np.testing.assert_array_equal(back, expected)  # level-0 coordinates of the image
     else:
         np.testing.assert_array_equal(np.asarray(open_label_store(result, writable=False).array[:]), expected)
+
+
+def test_file_save_of_a_segmented_region_keeps_the_image_coordinates(make_napari_viewer, tmp_path):
+    from types import SimpleNamespace
+
+    from napari_uhrseg.io.geojson import rasterize
+    from napari_uhrseg.io.labels import LabelStore
+    from napari_uhrseg.widgets._layers import add_or_update_labels
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((360, 520), np.uint8), name="slide")
+    region = _scene_labels()[:90, :130]
+    result = SimpleNamespace(store=LabelStore(region.copy()), downsample=2.0, store_origin=(40, 60))
+    labels = add_or_update_labels(viewer, image, result, class_names=NAMES)
+    assert labels.metadata["uhrseg_frame"] == {"shape": [180, 260], "origin": [40, 60]}
+    viewer.layers.selection.active = labels
+    path = tmp_path / "saved.geojson"
+    assert viewer.layers.save(str(path), selected=True, plugin="napari-uhrseg") == [str(path)]
+    expected = np.zeros((180, 260), np.uint8)
+    expected[40:130, 60:190] = region
+    doc = json.loads(path.read_text())
+    np.testing.assert_array_equal(rasterize(doc["features"], expected.shape, NAMES, scale=(2.0, 2.0)), expected)
+    whole = SimpleNamespace(store=LabelStore(np.zeros((180, 260), np.uint8)), downsample=2.0, store_origin=(0, 0))
+    assert "uhrseg_frame" not in add_or_update_labels(viewer, image, whole).metadata  # the next run: whole level

@@ -2,7 +2,8 @@
 
 The layer's ``metadata`` may carry ``class_names``, ``class_colors``, ``pixel_size`` / ``pixel_unit`` (of a
 level-0 image pixel) and ``downsample`` (level-0 pixels per label pixel; the Segment dock's layers carry it as
-``uhrseg_downsample``). Class names not in the metadata come from the layer's ``features`` table (what the docks
+``uhrseg_downsample``; for a region, ``uhrseg_frame``: its level's shape and the region's origin there, so
+that it is written where it lies on the image). Class names not in the metadata come from the layer's ``features`` table (what the docks
 write, see ``widgets.state.write_classes``) and their colours from its colormap; without a pixel size, the layer
 ``scale`` is taken as the label pixel size when a unit is known (the metadata's, or the layer's ``units``).
 """
@@ -28,6 +29,11 @@ def _export(path: str, data, attributes: dict, fmt: str) -> list[str]:
         dy, dx = (downsample, downsample) if not isinstance(downsample, (list, tuple)) else downsample
         pixel_size = (float(scale[0]) / float(dy), float(scale[1]) / float(dx))
     names, colors = _classes(attributes, meta)
+    frame = meta.get("uhrseg_frame")
+    if frame:  # a Segment dock layer of a region: written where it lies on the image, the rest unlabelled
+        from napari_uhrseg.engine.refine import FramedLabels
+
+        labels = FramedLabels(labels, frame["shape"], frame["origin"])
     out = export_labels(labels, path, format=fmt, class_names=names, class_colors=colors, pixel_size=pixel_size,
                         pixel_unit=pixel_unit, downsample=downsample)
     return [str(Path(out))]

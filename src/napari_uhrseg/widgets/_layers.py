@@ -160,6 +160,11 @@ def add_or_update_labels(viewer, image_layer, result, *, class_names=None):
     layer.metadata["uhrseg_segment"] = image_layer.name  # the image whose runs this layer shows
     layer.metadata["uhrseg_store"] = result.store
     layer.metadata["uhrseg_downsample"] = downsample_pair(result.downsample)
+    frame = labels_in_frame(data[0] if multiscale else data, layer, image_layer)
+    if hasattr(frame, "origin"):  # a region: where File › Save (which does not know the image) puts it
+        layer.metadata["uhrseg_frame"] = {"shape": list(frame.shape), "origin": list(frame.origin)}
+    else:
+        layer.metadata.pop("uhrseg_frame", None)
     if class_names:
         from napari_uhrseg.widgets.state import write_classes
 
