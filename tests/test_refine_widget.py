@@ -153,3 +153,9 @@ def test_labels_of_a_segmented_region_refine_and_click_in_place(make_napari_view
     region.selected_label = 2
     widget.click_at((120.0, 120.0))  # world = image pixels: inside the square
     assert region.data[80, 60] == 2, widget.status.text()  # image pixel (120, 120) in the region's own pixels
+    region.translate = (200, 200)  # moved by hand past the image's edge: said, nothing changed
+    before = region.data.copy()
+    widget.refine()
+    assert "do not fit" in widget.status.text() and np.array_equal(region.data, before)
+    widget.click_at((220.0, 220.0))
+    assert "do not fit" in widget.status.text() and np.array_equal(region.data, before)

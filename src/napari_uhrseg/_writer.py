@@ -3,8 +3,9 @@
 The layer's ``metadata`` may carry ``class_names``, ``class_colors``, ``pixel_size`` / ``pixel_unit`` (of a
 level-0 image pixel) and ``downsample`` (level-0 pixels per label pixel; the Segment dock's layers carry it as
 ``uhrseg_downsample``; for a region, ``uhrseg_frame``: its level's shape and the region's origin there, so
-that it is written where it lies on the image). Class names not in the metadata come from the layer's ``features`` table (what the docks
-write, see ``widgets.state.write_classes``) and their colours from its colormap; without a pixel size, the layer
+that it is written where it lies on the image). Class names not in the metadata come from the layer's
+``features`` table (what the docks write, see ``widgets.state.write_classes``) and their colours from its
+colormap; without a pixel size, the layer
 ``scale`` is taken as the label pixel size when a unit is known (the metadata's, or the layer's ``units``).
 """
 from __future__ import annotations

@@ -160,7 +160,12 @@ def add_or_update_labels(viewer, image_layer, result, *, class_names=None):
     layer.metadata["uhrseg_segment"] = image_layer.name  # the image whose runs this layer shows
     layer.metadata["uhrseg_store"] = result.store
     layer.metadata["uhrseg_downsample"] = downsample_pair(result.downsample)
-    frame = labels_in_frame(data[0] if multiscale else data, layer, image_layer)
+    from napari_uhrseg.errors import UhrsegError
+
+    try:
+        frame = labels_in_frame(data[0] if multiscale else data, layer, image_layer)
+    except UhrsegError:  # not placeable (a hand-edited geometry): File › Save writes the layer as it is
+        frame = None
     if hasattr(frame, "origin"):  # a region: where File › Save (which does not know the image) puts it
         layer.metadata["uhrseg_frame"] = {"shape": list(frame.shape), "origin": list(frame.origin)}
     else:

@@ -15,6 +15,8 @@ from qtpy.QtWidgets import (
     QCheckBox, QComboBox, QFormLayout, QLabel, QPushButton, QSpinBox, QVBoxLayout, QWidget,
 )  # fmt: skip
 
+from napari_uhrseg.errors import UhrsegError
+
 BRUSH_NAME = "refine brush"
 NO_PREDICTION = "image colours (no prediction)"
 
@@ -157,7 +159,10 @@ class RefineWidget(QWidget):
         layer = self.viewer.layers[name]
         data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
         if image is not None and not getattr(layer, "multiscale", False):
-            data = self._in_frame(data, layer, image)
+            try:
+                data = self._in_frame(data, layer, image)
+            except UhrsegError as exc:
+                return None, f"{name!r}: {exc} Seeding from the image colours. "
         if tuple(data.shape[-2:]) != tuple(labels_data.shape[-2:]):
             return None, (f"{name!r} ({data.shape[-2]} x {data.shape[-1]} px) is not the size of the labels "
                           f"({labels_data.shape[-2]} x {labels_data.shape[-1]}): seeding from the image colours. ")
@@ -279,7 +284,10 @@ class RefineWidget(QWidget):
         if labels.multiscale:
             return self._say("Multiscale labels cannot be edited in napari: use a single-scale labels layer.")
         data = self._image_data(image)
-        lab, region = self._in_frame(labels.data, labels, image), self._in_frame(brush.data, brush, image)
+        try:
+            lab, region = self._in_frame(labels.data, labels, image), self._in_frame(brush.data, brush, image)
+        except UhrsegError as exc:
+            return self._say(str(exc))
         fast, L, level = self.fast_check.isChecked(), self.L_spin.value(), self.level_spin.value()
 
         def job():
@@ -343,7 +351,10 @@ class RefineWidget(QWidget):
         # Level-0 pixel coordinates of the click: the image layer's data coordinates (level 0 for multiscale).
         point = np.asarray(image.world_to_data(world_position))[-2:]
         data, label_id = self._image_data(image), int(labels.selected_label)
-        lab = self._in_frame(labels.data, labels, image)
+        try:
+            lab = self._in_frame(labels.data, labels, image)
+        except UhrsegError as exc:
+            return self._say(str(exc))
         level = self.level_spin.value()
         prediction, note = self._prediction(lab, image)
 
