@@ -44,6 +44,31 @@ def test_labelled_box_and_item_read_only_the_painted_area():
         labelled_item(open_pyramid(image, name="img"), np.zeros((30, 40), np.uint8))
 
 
+def test_labels_of_a_region_train_on_the_pixels_they_cover():
+    # A region-sized labels layer (placed by the dock with FramedLabels): the training item is read where the
+    # strokes lie on the image, not at the image's corner.
+    from napari_uhrseg.engine.refine import FramedLabels
+
+    image = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    region = np.zeros((120, 150), np.uint8)
+    region[20:30, 40:100] = 2  # image rows 120–130, columns 240–300
+    framed = FramedLabels(region, (300, 400), (100, 200))
+    assert labelled_box(framed) == (120, 240, 130, 300) and labelled_box(framed, margin=20) == (100, 220, 150, 320)
+    item = labelled_item(open_pyramid(image, name="img"), framed, margin=20)
+    np.testing.assert_array_equal(item.image, image[100:150, 220:320])
+    assert item.labels.shape == (50, 100) and (item.labels == 2).sum() == 600 and item.labels[20, 20] == 2
+
+
+def test_place_in_frame_takes_the_readers_level_shape():
+    from napari_uhrseg.widgets._layers import place_in_frame
+
+    data = np.ones((40, 50), np.uint8)
+    frame = {"downsample": (2.0, 2.0), "origin": (10.0, 20.0), "level0": (301, 401)}
+    assert place_in_frame(data, frame).shape == (151, 201)  # rounded up without the reader's levels
+    assert place_in_frame(data, frame, level_shapes=[(301, 401), (150, 200), (75, 100)]).shape == (150, 200)
+    assert place_in_frame(data, {**frame, "origin": (0.2, -0.3)}) is data  # at the corner: as it is
+
+
 def test_frozen_backbone_stays_fixed_heads_learn_and_resume_continues(tmp_path):
     assert "grnet" in trainable_methods()
     image, scribbles = scribbled_scene()

@@ -128,3 +128,32 @@ def test_bad_input_is_a_clear_message(qtbot, dock, monkeypatch):
     with qtbot.waitSignal(dock.finished, timeout=30000):
         dock.start()
     assert "Nothing is painted" in errors[-1]
+
+
+def test_scribbles_on_a_segmented_region_train_where_they_lie(qtbot, dock, monkeypatch):
+    """Strokes painted on a region-sized labels layer (a Segment run on a box) are read with the image pixels
+    under them: the job records the layer's frame and the worker places the strokes in it."""
+    import threading
+
+    import napari_uhrseg.engine.scribbles as S
+    import napari_uhrseg.widgets.train as T
+
+    viewer = dock.viewer
+    _, scribbles = scribbled_scene()
+    region = viewer.add_labels(scribbles[64:192, 32:224].copy(), name="region strokes", translate=(64, 32))
+    dock.labels_combo.set_layer(region)
+    job = dock._prepare(False)
+    assert job["frames"]["region strokes"]["origin"] == (64.0, 32.0)
+    items, real = [], S.labelled_item
+
+    def stop(*a, **k):
+        raise RuntimeError("stop after reading the strokes")
+
+    monkeypatch.setattr(S, "labelled_item", lambda *a, **k: items.append(real(*a, **k)) or items[-1])
+    monkeypatch.setattr(S, "start_session", stop)
+    with pytest.raises(RuntimeError, match="stop after"):
+        next(T._train_job(job, threading.Event(), None))
+    (item,) = items  # the strokes' box plus a 256 px margin: here the whole 256² scene
+    expected = np.zeros_like(scribbles)
+    expected[64:192, 32:224] = scribbles[64:192, 32:224]
+    np.testing.assert_array_equal(item.labels, expected)

@@ -72,6 +72,14 @@ FROZEN_LR = 3e-4  # GRNet's learning rate for a frozen-backbone round when none 
 
 def labelled_box(labels, margin: int = 0) -> tuple[int, int, int, int] | None:
     """(y0, x0, y1, x1) around the non-zero labels, widened by ``margin`` and clipped; None when unlabelled."""
+    from napari_uhrseg.engine.refine import FramedLabels
+
+    if isinstance(labels, FramedLabels):  # labels of a region: only its own pixels can be set
+        box = labels.bounding_box()
+        if box is None:
+            return None
+        h, w = labels.shape
+        return (max(0, box[0] - margin), max(0, box[1] - margin), min(h, box[2] + margin), min(w, box[3] + margin))
     arr = np.asarray(labels)
     rows = np.flatnonzero(arr.any(axis=1))
     if rows.size == 0:

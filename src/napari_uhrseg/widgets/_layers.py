@@ -100,22 +100,39 @@ def labels_geometry(image_layer, downsample, store_origin) -> tuple[np.ndarray, 
     return scale * d, translate + scale * (origin * d + (d - 1.0) / 2.0)
 
 
-def labels_in_frame(data, layer, image_layer):
+def labels_in_frame(data, layer, image_layer, level_shapes=None):
     """``data`` of a labels-like ``layer`` in its level's whole frame: as it is when it starts at the image's
     corner, else an ``engine.refine.FramedLabels`` (0 outside ``data``). A Segment run on a region or a box makes
     a layer of the region's size, put in place by its scale and translate (``labels_geometry``); this undoes
-    that, so refining, clicking and exporting see it where it lies on the image."""
-    from napari_uhrseg.engine.refine import FramedLabels
+    that, so refining, clicking, training and exporting see it where it lies on the image. ``level_shapes``: the
+    shapes of the pyramid the caller reads the image from (the frame is the one of them at the layer's
+    downsample); else the level is sized from the image layer, rounded up."""
+    return place_in_frame(data, frame_of(layer, image_layer), level_shapes)
 
+
+def frame_of(layer, image_layer) -> dict:
+    """Where ``layer`` lies on ``image_layer`` as plain numbers (read on the GUI thread, used anywhere):
+    ``downsample`` (y, x), ``origin`` (its pixel (0, 0) in pixels of that level) and the image's level-0 shape."""
     scale, translate = image_geometry(image_layer)
     d = np.asarray(layer.scale, float)[-2:] / scale
     origin = ((np.asarray(layer.translate, float)[-2:] - translate) / scale - (d - 1.0) / 2.0) / d
+    level0 = image_layer.data[0].shape if image_layer.multiscale else image_layer.data.shape
+    return {"downsample": tuple(float(v) for v in d), "origin": tuple(float(v) for v in origin),
+            "level0": tuple(int(v) for v in level0[:2])}
+
+
+def place_in_frame(data, frame: dict, level_shapes=None):
+    """``data`` as it is when ``frame`` (``frame_of``) starts at the image's corner, else a ``FramedLabels``."""
+    from napari_uhrseg.engine.refine import FramedLabels
+
+    origin = np.asarray(frame["origin"], float)
     if np.all(np.abs(origin) < 0.5):  # at the corner (a user's own layer may be placed a fraction off)
         return data
-    level0 = image_layer.data[0].shape if image_layer.multiscale else image_layer.data.shape
-    level0 = np.asarray(level0[:2], float)
-    frame = np.ceil(level0 / d - 1e-6).astype(int)  # the level of downsample d, rounded up as our pyramids are
-    return FramedLabels(data, frame, np.round(origin).astype(int))
+    d = np.asarray(frame["downsample"], float)
+    shape = np.ceil(np.asarray(frame["level0"], float) / d - 1e-6).astype(int)  # rounded up, as our pyramids are
+    if level_shapes:
+        shape = min((np.asarray(s_, int) for s_ in level_shapes), key=lambda s_: float(np.abs(s_ - shape).sum()))
+    return FramedLabels(data, shape, np.round(origin).astype(int))
 
 
 def labels_data(store):

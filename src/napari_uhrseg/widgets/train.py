@@ -349,12 +349,15 @@ class TrainWidget(QWidget):
         if not method:
             raise UhrsegError("No method can be trained from the viewer in this installation.")
         settings = self.settings()
-        sources = []
+        from napari_uhrseg.widgets._layers import frame_of
+
+        sources, frames = [], {}
         for image, labels in pairs:
             data = level0_data(labels)
             # a copy, so that strokes painted while training do not change the data under the worker
             data = np.array(data) if isinstance(data, np.ndarray) else data
             sources.append((image, data, labels.name))
+            frames[labels.name] = frame_of(labels, image)
         resume_from = None
         if resume:
             if self._last_out is None or not last_path(self._last_out).exists():
@@ -367,7 +370,8 @@ class TrainWidget(QWidget):
         self._last_out = out
         self._remember_view()
         colors = [[int(round(255 * v)) for v in c[:3]] for c in self._class_colors(names)]
-        return {"sources": sources, "method": method, "names": names, "colors": colors, "settings": settings,
+        return {"sources": sources, "frames": frames, "method": method, "names": names, "colors": colors,
+                "settings": settings,
                 "out": out, "resume": resume_from, "image": pairs[0][0],
                 "description": ", ".join(image.name for image, _ in pairs)}
 
@@ -485,11 +489,15 @@ def _train_job(job: dict, stop: threading.Event, live_box):
     from napari_uhrseg.engine.scribbles import labelled_item, start_session
     from napari_uhrseg.engine.segment import segment_image
 
-    from napari_uhrseg.widgets._layers import pyramid_for_layer
+    from napari_uhrseg.widgets._layers import place_in_frame, pyramid_for_layer
 
     items, pyramids, levels = [], [], []
     for image, labels, labels_name in job["sources"]:
         pyramids.append(pyramid_for_layer(image))
+        frame = job.get("frames", {}).get(labels_name)
+        if frame is not None:  # labels of a region: placed in their level's frame of this pyramid
+            shapes = [pyramids[-1].level_shape(i) for i in range(len(pyramids[-1].levels))]
+            labels = place_in_frame(labels, frame, level_shapes=shapes)
         levels.append(_level_of(pyramids[-1], labels, labels_name))
         items.append(labelled_item(pyramids[-1], labels, level=levels[-1], name=image.name))
     session = start_session(job["method"], items, job["names"], job["colors"], settings=job["settings"],
