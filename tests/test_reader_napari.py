@@ -71,3 +71,36 @@ def test_napari_opens_the_pyramid_and_views_a_corner(make_napari_viewer, qtbot, 
     import imageio.v3 as iio
 
     iio.imwrite(tmp_path / "corner.png", shot)
+
+
+def test_a_label_store_of_a_region_opens_as_labels_placed_on_its_image(tmp_path, make_napari_viewer):
+    # `uhrseg segment --region ... -o OUT.zarr` writes the region's labels with its origin, level and classes;
+    # dropped on the viewer they sit where they were segmented (a plain 2-D zarr array used to raise IndexError).
+    import zarr
+
+    from napari_uhrseg.cli import main
+    from napari_uhrseg.io.labels import open_label_store
+    from napari_uhrseg.widgets._layers import labels_in_frame
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    out = tmp_path / "reg.zarr"
+    assert main(["segment", str(tmp_path / "img.tif"), "--region", "100,200,260,360", "-o", str(out),
+                 "--quiet"]) == 0
+    [(data, kwargs, layer_type)] = get_reader(str(out))(str(out))
+    assert layer_type == "labels" and data.shape == (160, 160)
+    assert kwargs["translate"] == (100.0, 200.0) and kwargs["scale"] == (1.0, 1.0)
+    names = open_label_store(out).class_names
+    assert list(kwargs["features"]["class"]) == names
+    viewer = make_napari_viewer()
+    img = viewer.add_image(image, name="img", rgb=True)
+    lab = viewer.add_labels(data, **kwargs)
+    framed = labels_in_frame(np.asarray(lab.data), lab, img)
+    assert framed.origin == (100, 200) and framed.shape == (300, 400)
+    plain = tmp_path / "plain.zarr"
+    zarr.open_array(str(plain), mode="w", shape=(64, 80), dtype="uint8")[:] = 3  # no attributes: an image
+    [(levels, kwargs, layer_type)] = get_reader(str(plain))(str(plain))
+    assert layer_type == "image" and levels[0].shape == (64, 80)

@@ -41,7 +41,46 @@ def read_pyramid(path):
     uncertainty = uncertainty_layer_data(path)
     if uncertainty is not None:
         return [uncertainty]
+    store = label_store_layer_data(path)
+    if store is not None:
+        return [store]
     return [layer_data(open_pyramid(path))]
+
+
+def label_store_layer_data(path) -> tuple | None:
+    """A label store ``uhrseg segment -o OUT.zarr`` wrote (a zarr array with our ``uhrseg`` attributes) as a
+    Labels layer placed on its image: scale and translate from its level's downsample, the region's origin and
+    the image's pixel size, class names in its features. None for any other path."""
+    p = Path(path)
+    if not p.is_dir() or p.name.lower().endswith(".ome.zarr"):
+        return None
+    try:
+        import zarr
+
+        node = zarr.open(str(p), mode="r")
+        info = dict(node.attrs.get("uhrseg", {})) if hasattr(node, "shape") else {}
+    except Exception:  # noqa: BLE001 - not a zarr array: open_pyramid says what it is
+        return None
+    if not info or node.ndim != 2 or node.dtype.kind not in "ui":
+        return None
+    import dask.array as da
+    import numpy as np
+
+    d = np.asarray(info.get("downsample") or (1.0, 1.0), float).reshape(-1)[-2:]
+    origin = np.asarray(info.get("origin") or (0, 0), float)
+    size = np.asarray(info.get("pixel_size") or (1.0, 1.0), float).reshape(-1)[-2:]
+    scale = size * d
+    translate = size * (origin * d + (d - 1.0) / 2.0)  # as the Segment dock places its layers
+    kwargs = {"name": p.name[: -len(".zarr")] if p.name.lower().endswith(".zarr") else p.name,
+              "scale": tuple(float(v) for v in scale), "translate": tuple(float(v) for v in translate),
+              "metadata": {"uhrseg_path": str(p), "uhrseg_downsample": tuple(float(v) for v in d)}}
+    names = info.get("class_names")
+    if names:
+        kwargs["features"] = {"index": list(range(len(names))), "class": list(names)}
+    unit = _UNITS.get(info.get("pixel_unit") or "")
+    if info.get("pixel_size") and unit:
+        kwargs["units"] = (unit, unit)
+    return (da.from_zarr(node), kwargs, "labels")
 
 
 def uncertainty_layer_data(path) -> tuple | None:

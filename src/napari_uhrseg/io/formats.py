@@ -259,7 +259,12 @@ def open_zarr(path: Path) -> Source:
             f"{path} is a folder but not a zarr store we can read ({exc}): open an image file or an OME-Zarr folder."
         ) from exc
     if hasattr(node, "shape"):
-        axes = {2: "YX", 3: "YXC" if node.shape[2] <= 64 else "CYX"}.get(node.ndim, "Q" * node.ndim)
+        if node.ndim == 2:
+            axes = "YX"
+        elif node.ndim == 3:
+            axes = "YXC" if node.shape[2] <= 64 else "CYX"
+        else:
+            axes = "Q" * node.ndim
         return Source(levels=[da.from_zarr(node)], axes=axes, label=str(path), metadata={"format": "zarr"})
     attrs = node.attrs.asdict()
     ome = attrs.get("ome", attrs)
