@@ -275,3 +275,34 @@ def test_export_from_store_and_cli(tmp_path, capsys):
     assert fc["properties"]["class_names"] == ["bg", "x", "y"] and fc["properties"]["pixel_size"] == [0.5, 0.5]
     code = main(["export", str(tmp_path / "cli.geojson"), "-o", str(tmp_path / "x.png")])
     assert code == 2 and "not a label file" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_segmented_region_keeps_the_image_coordinates(tmp_path, capsys):
+    # `uhrseg segment --level 1 --region ... -o OUT.zarr` records the region's origin and downsample; exporting
+    # that store must put its objects where they lie on the image (GeoJSON in level-0 pixels, rasters padded
+    # above and left), not at the image's corner and at the working level's scale.
+    import tifffile
+
+    from napari_uhrseg.cli import main
+    from napari_uhrseg.io.geojson import rasterize
+
+    image = np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image, tile=(256, 256))
+    store_path = tmp_path / "reg.zarr"
+    assert main(["segment", str(tmp_path / "img.tif"), "--level", "1", "--region", "100,200,500,600",
+                 "-o", str(store_path), "--quiet"]) == 0
+    store = open_label_store(store_path)
+    assert store.info["origin"] == [50, 100] and store.info["downsample"] == [2.0, 2.0]
+    region = np.asarray(store.array[:])
+    capsys.readouterr()
+    assert main(["export", str(store_path), "-o", str(tmp_path / "reg.geojson")]) == 0
+    doc = json.loads((tmp_path / "reg.geojson").read_text())
+    names = doc["properties"]["class_names"]
+    assert names == store.class_names
+    back = rasterize(doc["features"], (300, 400), names, scale=(2.0, 2.0))  # level-1 frame, level-0 coordinates
+    expected = np.zeros((300, 400), region.dtype)
+    expected[50:250, 100:300] = region
+    np.testing.assert_array_equal(back, expected)
+    assert main(["export", str(store_path), "-o", str(tmp_path / "reg.ome.tif")]) == 0
+    np.testing.assert_array_equal(np.asarray(open_label_store(tmp_path / "reg.ome.tif").array[:]),
+                                  expected[:250, :300])

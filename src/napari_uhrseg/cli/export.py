@@ -15,8 +15,9 @@ def register(sub) -> None:
     p.add_argument("--pixel-size", default=None,
                    help="size of a level-0 image pixel: one number or 'Y,X' (default: from the input)")
     p.add_argument("--unit", default=None, help="unit of --pixel-size (default: µm)")
-    p.add_argument("--downsample", type=float, default=1.0,
-                   help="level-0 pixels per label pixel, for labels made at a coarser level (default 1)")
+    p.add_argument("--downsample", type=float, default=None,
+                   help="level-0 pixels per label pixel, for labels made at a coarser level (default: the store's, "
+                        "as `uhrseg segment --level` records it, else 1)")
     p.set_defaults(func=run)
 
 
@@ -39,18 +40,37 @@ def run(args) -> int:
     from napari_uhrseg.io.labels import open_label_store
 
     store = open_label_store(args.labels, writable=False)
+    info = store.info
     names = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    recorded = info.get("downsample")  # what `uhrseg segment -o OUT.zarr` records: level, downsample, origin
+    if args.downsample is not None:
+        downsample = args.downsample
+    elif recorded:
+        downsample = tuple(float(v) for v in recorded) if isinstance(recorded, (list, tuple)) else float(recorded)
+    else:
+        downsample = 1.0
+    dy, dx = (downsample, downsample) if not isinstance(downsample, tuple) else (downsample[0], downsample[-1])
     pixel_size = _pixel_size(args.pixel_size)
     unit = args.unit
-    if pixel_size is None and store.info.get("pixel_size") is not None:
-        pixel_size, unit = tuple(store.info["pixel_size"]), unit or store.info.get("pixel_unit")
-        pixel_size = (pixel_size[0] / args.downsample, pixel_size[1] / args.downsample)  # stored per label pixel
+    if pixel_size is None and info.get("pixel_size") is not None:
+        pixel_size, unit = tuple(info["pixel_size"]), unit or info.get("pixel_unit")
+        if not recorded:  # a label image's own pixel size is per label pixel; our stores record level 0's
+            pixel_size = (pixel_size[0] / dy, pixel_size[1] / dx)
+    source = store
+    origin = [int(v) for v in info.get("origin") or (0, 0)]
+    if any(origin):  # the labels of a region: exported where they lie on the image (zeros above and left)
+        from napari_uhrseg.engine.refine import FramedLabels
+
+        h, w = store.shape
+        source = FramedLabels(store.array, (origin[0] + h, origin[1] + w), origin)
+        names = names or store.class_names
 
     def progress(done, total):
         print(f"\rexport: {100 * done // max(total, 1):3d}%", end="", file=sys.stderr, flush=True)
 
-    out = export_labels(store, args.output, format=args.format, class_names=names, pixel_size=pixel_size,
-                        pixel_unit=unit, downsample=args.downsample, progress=progress)
+    colors = store.class_colors if source is not store else None
+    out = export_labels(source, args.output, format=args.format, class_names=names, class_colors=colors,
+                        pixel_size=pixel_size, pixel_unit=unit, downsample=downsample, progress=progress)
     print(file=sys.stderr)
     print(out)
     return 0
