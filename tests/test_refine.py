@@ -187,3 +187,34 @@ def test_cli_refine(tmp_path, scene, capsys):
         rc = main(["refine", paths["image"], "--mask", str(tmp_path / "missing.png"), "-o", str(out),
                    "--checkpoint", str(ckpt)])
         assert rc == 2 and said in capsys.readouterr().err and not out.exists()
+
+
+def test_cli_refine_of_a_segmented_region_writes_it_where_it_lies(tmp_path, capsys):
+    # `uhrseg segment --region ... -o OUT.zarr` then `uhrseg refine IMAGE --mask OUT.zarr`: the store is placed
+    # in its level's frame (it used to be refused as labels "of another size"), and the export keeps the image's
+    # coordinates and class names.
+    import json
+
+    import tifffile
+
+    from napari_uhrseg.cli import main
+    from napari_uhrseg.io.geojson import rasterize
+    from napari_uhrseg.io.labels import open_label_store
+
+    image = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    store_path = tmp_path / "reg.zarr"
+    assert main(["segment", str(tmp_path / "img.tif"), "--region", "50,100,250,300", "-o", str(store_path),
+                 "--quiet"]) == 0
+    store = open_label_store(store_path)
+    torch.manual_seed(0)
+    ckpt = save_refiner(tmp_path / "r.pt", RefinementModule("fast", pretrained=False), "fast")
+    capsys.readouterr()
+    out = tmp_path / "refined.geojson"
+    assert main(["refine", str(tmp_path / "img.tif"), "--mask", str(store_path), "-o", str(out), "--fast",
+                 "--checkpoint", str(ckpt)]) == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    assert doc["properties"]["class_names"] == store.class_names
+    back = rasterize(doc["features"], (300, 400), store.class_names)
+    assert not back[:50].any() and not back[:, :100].any()  # nothing moved to the image's corner
+    assert back[50:250, 100:300].any() and not back[250:].any() and not back[:, 300:].any()

@@ -29,7 +29,7 @@ def run(args) -> int:
     import numpy as np
 
     from napari_uhrseg.device import select_device
-    from napari_uhrseg.engine.refine import refine_region
+    from napari_uhrseg.engine.refine import FramedLabels, refine_region
     from napari_uhrseg.errors import UhrsegError
     from napari_uhrseg.io.atomic import check_output_folder
     from napari_uhrseg.io.export import export_labels, guess_format
@@ -41,18 +41,49 @@ def run(args) -> int:
         guess_format(args.output)  # an unknown suffix or a missing folder: said before the work, not after
         check_output_folder(args.output)
         pyramid = open_pyramid(args.image)
-        labels = np.array(open_label_store(args.mask, writable=False).array)
-        region = (0, 0, *labels.shape[:2])
+        store = open_label_store(args.mask, writable=False)
+        labels = np.array(store.array)
+        frame, origin = _in_frame(labels, store.info, pyramid)
+        region = (origin[0], origin[1], origin[0] + labels.shape[0], origin[1] + labels.shape[1])
         if args.region:
             region = np.asarray(open_label_store(args.region, writable=False).array)
+            if frame is not labels and region.shape == labels.shape:  # a brush made for the region's labels
+                region = FramedLabels(region, frame.shape, origin)
         device = select_device(args.device).device
         refiner = CascadePSP.from_checkpoint(args.checkpoint, device=device)
-        edit = refine_region(pyramid, labels, region, level=args.level, fast=args.fast, L=args.L,
+        edit = refine_region(pyramid, frame, region, level=args.level, fast=args.fast, L=args.L,
                              margin=args.margin, refiner=refiner, max_side=args.max_side)  # fmt: skip
+        if frame is not labels:
+            edit = frame.local(edit)
         edit.apply(labels)
-        path = export_labels(labels, args.output)
+        out = labels if frame is labels else FramedLabels(labels, (origin[0] + labels.shape[0],
+                                                                   origin[1] + labels.shape[1]), origin)
+        path = export_labels(out, args.output, class_names=store.class_names, class_colors=store.class_colors,
+                             downsample=_recorded_downsample(store.info))
     except UhrsegError as exc:
         print(f"uhrseg refine: {exc}", file=sys.stderr)
         return 2
     print(f"refined {edit.changed} px in box {edit.box} in {edit.seconds:.2f} s -> {path}")
     return 0
+
+
+def _recorded_downsample(info: dict):
+    """The level-0 pixels per label pixel a store records (``uhrseg segment --level``), else 1."""
+    d = info.get("downsample")
+    return tuple(float(v) for v in d) if isinstance(d, (list, tuple)) else float(d or 1.0)
+
+
+def _in_frame(labels, info: dict, pyramid):
+    """(labels as ``refine_region`` takes them, the region's origin): a store ``uhrseg segment --region`` wrote
+    covers a region of its level; it is placed in that level's frame."""
+    from napari_uhrseg.engine.refine import FramedLabels
+    from napari_uhrseg.errors import UhrsegError
+
+    origin = tuple(int(v) for v in info.get("origin") or (0, 0))
+    if not any(origin):
+        return labels, origin
+    level = int(info.get("level") or 0)
+    if not 0 <= level < len(pyramid.levels):
+        raise UhrsegError(f"The labels were segmented at level {level}, which {pyramid.name} does not have: "
+                          "give the image they were made for.")
+    return FramedLabels(labels, pyramid.level_shape(level), origin), origin
