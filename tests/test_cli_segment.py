@@ -124,6 +124,16 @@ def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     assert "--region" in capsys.readouterr().err
 
 
+def test_a_region_starting_above_the_image_is_clipped_not_an_argparse_error(scene, tmp_path, capsys):
+    path, ckpt, _, _ = scene
+    out = tmp_path / "a.zarr"
+    code = main(["segment", str(path), "-o", str(out), "--method", "test-channels", "--checkpoint", str(ckpt),
+                 "--region", "-20,-30,40,50", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["region_level0"] == [0, 0, 40, 50] and summary["labels_shape"] == [40, 50]
+
+
 @pytest.mark.parametrize("args, said", [
     (["--method", "cascadepsp"], "uhrseg refine IMAGE --mask LABELS"),
     (["--device", "tpu"], "Unknown device 'tpu'"),

@@ -26,8 +26,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Options whose value may start with a minus sign (a box reaching past the image's top-left corner): argparse
+# takes "-100,..." for an option unless it is written --region=-100,...; this joins them for the user.
+_NEGATIVE_VALUE_OPTIONS = ("--region",)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in _NEGATIVE_VALUE_OPTIONS and nxt and nxt.startswith("-") and nxt[1:2].isdigit():
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     # `train` hands its unknown options to the chosen method's own parser.
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "_raw", False):
