@@ -276,6 +276,19 @@ def test_train_main_on_the_users_own_pairs(tmp_path, capsys):
     assert "export the labels at the image's size" in capsys.readouterr().err
 
 
+def test_the_paper_preset_trains_from_imagenet_resnet50_or_says_where_to_put_it(tmp_path, monkeypatch, capsys):
+    # It used to start from random weights without a word; the paper's backbone is ImageNet-pretrained.
+    monkeypatch.setenv("UHRSEG_WEIGHTS_DIR", str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # and no torch hub cache
+    common = ["--preset", "paper", "--max-steps", "1", "--batch-size", "1", "--crop", "48", "--deepglobe", "none",
+              "--monuseg", "none", "--minutes", "2"]
+    out = tmp_path / "p.pt"
+    assert C.train_main(["-o", str(out), *common]) == 2
+    err = capsys.readouterr().err
+    assert "No ImageNet weights for resnet50" in err and "--no-pretrained" in err and not out.exists()
+    assert C.train_main(["-o", str(out), "--no-pretrained", *common]) == 0 and out.exists()
+
+
 def test_continued_training_records_what_it_started_from(tmp_path):
     from napari_uhrseg.methods.base import read_checkpoint_meta
 

@@ -863,6 +863,9 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
                          "is an object class, refined as a binary mask")
     ap.add_argument("--photo-fraction", type=float, default=0.5, help="share of synthetic photo composites")
     ap.add_argument("--init", default=None, help="start from this CascadePSP checkpoint")
+    ap.add_argument("--no-pretrained", action="store_true",
+                    help="random backbone weights (default: ImageNet; shipped for 'fast', for 'paper' torchvision's "
+                         "resnet50 .pth from $UHRSEG_WEIGHTS_DIR)")
     ap.add_argument("--half", action="store_true", help="store fp16 weights (the shipped starter)")
     ap.add_argument("--threads", type=count(1), default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -884,7 +887,7 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
         mo = [] if monuseg == "none" else monuseg.split(",")
         tiles = own + _real_tiles(dg, mo)
         model = (CascadePSP.from_checkpoint(args.init).model if args.init
-                 else RefinementModule(args.preset, pretrained=args.preset == "fast"))
+                 else RefinementModule(args.preset, pretrained=not args.no_pretrained))
     except UhrsegError as exc:
         print(f"uhrseg train: {exc}", file=sys.stderr)
         return 2

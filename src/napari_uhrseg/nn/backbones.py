@@ -69,7 +69,8 @@ def _find_resnet_weights(name: str) -> Path:
     raise CheckpointError(
         f"No ImageNet weights for {name} found offline. Download torchvision's {name} .pth on a machine with "
         f"internet access and pass its path (pretrained='/path/{name}-xxxx.pth'), or put it in $UHRSEG_WEIGHTS_DIR; "
-        "or use pretrained=False / the 'fast' preset (EfficientNet-Lite0, weights shipped)."
+        "or start from random weights (--no-pretrained; pretrained=False) or use the 'fast' preset "
+        "(EfficientNet-Lite0, weights shipped)."
     )
 
 
