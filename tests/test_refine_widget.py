@@ -17,21 +17,33 @@ class GrowDouble(torch.nn.Module):
         return {k: out for k in ("s8_1", "s8_2", "s4_2", "s8_3", "s4_3", "full")}
 
 
-@pytest.fixture
-def dock(make_napari_viewer, qtbot):
-    from napari_uhrseg.widgets.refine import BRUSH_NAME, RefineWidget
+def _refine_dock(viewer, qtbot):
+    """The Refine dock on ``viewer``, running its jobs in the test's thread with the test double."""
+    from napari_uhrseg.widgets.refine import RefineWidget
 
-    viewer = make_napari_viewer()
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    viewer.add_image(image, name="img", rgb=True)
-    labels = np.zeros((256, 256), np.uint8)
-    labels[80:160, 80:160] = 1
-    viewer.add_labels(labels, name="img labels")
     widget = RefineWidget(viewer)
     qtbot.addWidget(widget)
     widget.synchronous = True
     widget.refiner = CascadePSP(GrowDouble())
+    return widget
+
+
+def _noise_image(viewer):
+    image = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    viewer.add_image(image, name="img", rgb=True)
+    return image
+
+
+@pytest.fixture
+def dock(make_napari_viewer, qtbot):
+    from napari_uhrseg.widgets.refine import BRUSH_NAME
+
+    viewer = make_napari_viewer()
+    _noise_image(viewer)
+    labels = np.zeros((256, 256), np.uint8)
+    labels[80:160, 80:160] = 1
+    viewer.add_labels(labels, name="img labels")
+    widget = _refine_dock(viewer, qtbot)
     return viewer, widget, BRUSH_NAME
 
 
@@ -95,10 +107,7 @@ def test_click_seeds_from_the_segment_output(make_napari_viewer, qtbot):
     viewer.add_image(image, name="img", rgb=True)
     viewer.add_labels(prediction, name="img labels")
     annotations = viewer.add_labels(np.zeros((300, 300), np.uint8), name="annotations")
-    widget = RefineWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.synchronous = True
-    widget.refiner = CascadePSP(GrowDouble())
+    widget = _refine_dock(viewer, qtbot)
     widget.labels_combo.setCurrentText("annotations")
     assert widget.prediction_combo.currentText() == "img labels"
     late = RefineWidget(viewer)  # a dock opened before the Segment output exists takes it when it appears
@@ -123,19 +132,13 @@ def test_labels_of_a_segmented_region_refine_and_click_in_place(make_napari_view
     """A Segment run on a region gives a labels layer of the region's size, translated onto the image: Refine and
     click work on it in place (before 2026-12-03 its pixels were stretched over the whole image)."""
     from napari_uhrseg.engine.refine import refine_region
-    from napari_uhrseg.widgets.refine import RefineWidget
 
     viewer = make_napari_viewer()
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
-    viewer.add_image(image, name="img", rgb=True)
+    image = _noise_image(viewer)
     whole = np.zeros((256, 256), np.uint8)
     whole[80:160, 80:160] = 1
     region = viewer.add_labels(whole[40:200, 60:230].copy(), name="img labels", translate=(40, 60))
-    widget = RefineWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.synchronous = True
-    widget.refiner = CascadePSP(GrowDouble())
+    widget = _refine_dock(viewer, qtbot)
     brush = widget.add_brush_layer()
     assert brush.data.shape == region.data.shape and tuple(brush.translate) == (40, 60)
     brush.data[60:100, 90:115] = 1  # image rows 100–140, columns 150–175: across the square's right edge

@@ -37,18 +37,13 @@ def _pixel_size(text: str | None):
 
 def run(args) -> int:
     from napari_uhrseg.io.export import export_labels
-    from napari_uhrseg.io.labels import open_label_store
+    from napari_uhrseg.io.labels import open_label_store, recorded_downsample
 
     store = open_label_store(args.labels, writable=False)
     info = store.info
     names = [n.strip() for n in args.classes.split(",")] if args.classes else None
-    recorded = info.get("downsample")  # what `uhrseg segment -o OUT.zarr` records: level, downsample, origin
-    if args.downsample is not None:
-        downsample = args.downsample
-    elif recorded:
-        downsample = tuple(float(v) for v in recorded) if isinstance(recorded, (list, tuple)) else float(recorded)
-    else:
-        downsample = 1.0
+    recorded = recorded_downsample(info)  # what `uhrseg segment -o OUT.zarr` records: level, downsample, origin
+    downsample = args.downsample if args.downsample is not None else (recorded or 1.0)
     dy, dx = (downsample, downsample) if not isinstance(downsample, tuple) else (downsample[0], downsample[-1])
     pixel_size = _pixel_size(args.pixel_size)
     unit = args.unit

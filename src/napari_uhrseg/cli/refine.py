@@ -33,7 +33,7 @@ def run(args) -> int:
     from napari_uhrseg.errors import UhrsegError
     from napari_uhrseg.io.atomic import check_output_folder
     from napari_uhrseg.io.export import export_labels, guess_format
-    from napari_uhrseg.io.labels import open_label_store
+    from napari_uhrseg.io.labels import open_label_store, recorded_downsample
     from napari_uhrseg.io.pyramid import open_pyramid
     from napari_uhrseg.methods.cascadepsp import CascadePSP
 
@@ -59,18 +59,12 @@ def run(args) -> int:
         out = labels if frame is labels else FramedLabels(labels, (origin[0] + labels.shape[0],
                                                                    origin[1] + labels.shape[1]), origin)
         path = export_labels(out, args.output, class_names=store.class_names, class_colors=store.class_colors,
-                             downsample=_recorded_downsample(store.info))
+                             downsample=recorded_downsample(store.info) or 1.0)
     except UhrsegError as exc:
         print(f"uhrseg refine: {exc}", file=sys.stderr)
         return 2
     print(f"refined {edit.changed} px in box {edit.box} in {edit.seconds:.2f} s -> {path}")
     return 0
-
-
-def _recorded_downsample(info: dict):
-    """The level-0 pixels per label pixel a store records (``uhrseg segment --level``), else 1."""
-    d = info.get("downsample")
-    return tuple(float(v) for v in d) if isinstance(d, (list, tuple)) else float(d or 1.0)
 
 
 def _in_frame(labels, info: dict, pyramid):

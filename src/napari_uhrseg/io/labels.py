@@ -43,6 +43,15 @@ def default_names(num_classes: int) -> list[str]:
     return ["unlabelled"] + [f"class {k}" for k in range(1, num_classes)]
 
 
+def recorded_downsample(info: dict):
+    """Level-0 pixels per label pixel that a store records (``uhrseg segment --level`` writes it), a float or a
+    (y, x) pair; None when it records none."""
+    d = info.get("downsample")
+    if not d:
+        return None
+    return tuple(float(v) for v in d) if isinstance(d, (list, tuple)) else float(d)
+
+
 class LabelStore:
     """Labels of one image (or region) at one level, in memory or in a zarr array on disk.
 
