@@ -29,6 +29,29 @@ def test_region_queue_goes_from_most_to_least_uncertain_once():
     assert q.next() is None
 
 
+def test_region_queue_skips_what_was_never_segmented_and_boxes_the_scored_block():
+    # A run over a box of the slide: the rest of the map is empty (0), which is "no map", not "certain".
+    umap = np.zeros((40, 60), np.float32)
+    covered = np.zeros((40, 60), bool)
+    covered[:20, :30] = True
+    umap[:20, :30] = 0.2
+    umap[10:20, 10:20] = 0.9
+    q = un.RegionQueue(umap, downsample=4, region=40, shape0=(160, 240), covered=covered)
+    assert q.total == 6 and q.remaining == 6
+    seen = [q.next() for _ in range(6)]
+    assert seen[0] == (40.0, 40.0, 80.0, 80.0)
+    assert all(b[2] <= 80 and b[3] <= 120 for b in seen)  # only the segmented top-left block
+    assert q.next() is None
+    # A map at a non-integer downsample (a 100k slide: 24.41 px per map pixel): a region of 1024 px is 42 map
+    # pixels, and the box offered is exactly the block that was scored, wherever it is on the slide.
+    d = 100_000 / 4096
+    umap = np.zeros((4096, 4096), np.float32)
+    umap[42 * 90 : 42 * 91, 42 * 80 : 42 * 81] = 1.0
+    q = un.RegionQueue(umap, downsample=d, region=1024, shape0=(100_000, 100_000))
+    y0, x0, y1, x1 = q.next()
+    assert (y0, x0) == pytest.approx((42 * 90 * d, 42 * 80 * d)) and y1 - y0 == pytest.approx(42 * d)
+
+
 def test_stage_maps_assemble_windows_at_a_coarse_level():
     maps = un.StageMaps((128, 192), downsample=4)
     for x0 in (0, 96):

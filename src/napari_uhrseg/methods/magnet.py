@@ -1068,6 +1068,11 @@ class UncertaintyMap:
             self.add_window(window_map, event.read_box, level_downsample)
 
     @property
+    def covered(self) -> np.ndarray:
+        """Map pixels at least one window was added over (bool)."""
+        return self._count > 0
+
+    @property
     def array(self) -> np.ndarray:
         """The map so far; 0 where no window has been added."""
         return np.where(self._count > 0, self._sum / np.maximum(self._count, 1), 0).astype(np.float32)

@@ -69,21 +69,38 @@ class StageMaps:
     def array(self, name: str = FINAL) -> np.ndarray:
         return self._maps[name].array
 
+    def covered(self, name: str = FINAL) -> np.ndarray:
+        """Map pixels some window was added over."""
+        return self._maps[name].covered
+
 
 class RegionQueue:
-    """The annotator's queue: square regions of ``region`` level-0 pixels, most uncertain first (mean of the
-    map over the region), each offered once. ``next()`` returns a level-0 box or None when all are visited."""
+    """The annotator's queue: square regions of about ``region`` level-0 pixels, most uncertain first (mean of
+    the map over the region), each offered once. ``next()`` returns a level-0 box or None when all are visited.
 
-    def __init__(self, umap: np.ndarray, downsample: float, region: float, shape0: tuple[int, int] | None = None):
+    A region is a whole number of map pixels (``region`` rounded to the map's grid), so the box the view goes to
+    is the block that was scored. ``covered``: map pixels some window was segmented over (``UncertaintyMap``'s
+    ``covered``); regions with none are not queued — after a run on a box, the rest of the slide has no map,
+    not a certain one."""
+
+    def __init__(self, umap: np.ndarray, downsample: float, region: float, shape0: tuple[int, int] | None = None,
+                 covered: np.ndarray | None = None):
         self.downsample = float(downsample)
-        self.region = float(region)
         umap = np.asarray(umap, dtype=np.float32)
+        self.step = max(1, int(round(float(region) / self.downsample)))  # map pixels per region side
+        self.region = self.step * self.downsample
         self.shape0 = shape0 or (umap.shape[0] * downsample, umap.shape[1] * downsample)
         self.visited: set[tuple[int, int]] = set()
         self.scores = self._block_scores(umap)
+        self.queued = np.ones(self.scores.shape, bool)
+        if covered is not None:
+            covered = np.asarray(covered, bool)
+            self.queued = self._block_scores(covered.astype(np.float32)) > 0
+        for cell in zip(*np.nonzero(~self.queued)):
+            self.visited.add((int(cell[0]), int(cell[1])))
 
     def _block_scores(self, umap: np.ndarray) -> np.ndarray:
-        step = max(1, int(round(self.region / self.downsample)))
+        step = self.step
         rows, cols = math.ceil(umap.shape[0] / step), math.ceil(umap.shape[1] / step)
         scores = np.zeros((rows, cols), np.float32)
         for r in range(rows):
@@ -116,6 +133,11 @@ class RegionQueue:
     @property
     def remaining(self) -> int:
         return self.scores.size - len(self.visited)
+
+    @property
+    def total(self) -> int:
+        """Regions in the queue at the start (those with a map)."""
+        return int(self.queued.sum())
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -252,7 +274,8 @@ class UncertaintyWidget(QWidget):
             return None
         if self._queue is None:
             stage = self.stage_combo.currentText() or FINAL
-            self._queue = RegionQueue(maps.array(stage), maps.downsample, self.region_spin.value(), maps.shape0)
+            self._queue = RegionQueue(maps.array(stage), maps.downsample, self.region_spin.value(), maps.shape0,
+                                      covered=maps.covered(stage))
         box = self._queue.next()
         if box is None:
             self.status.setText("Every region has been visited.")
