@@ -190,3 +190,29 @@ def test_segment_dock_run_creates_the_uncertainty_layer_on_the_image(make_napari
         "final", "stage 0", "stage 1", "stage 2"]
     box = widget.next_region()
     assert box is not None and 0 <= box[0] < 256 and 0 <= box[1] < 384
+
+
+@pytest.mark.gui
+def test_queue_after_a_run_on_a_box_stays_inside_it(viewer_and_image):
+    """A MagNet run over a box of the image: the dock's queue offers the regions of that box and then says
+    every region has been visited, instead of walking the unsegmented rest of the image."""
+    from napari_uhrseg.engine.segment import iter_segment
+    from napari_uhrseg.io.pyramid import open_pyramid
+    from napari_uhrseg.methods import magnet as mg
+
+    viewer, layer = viewer_and_image
+    torch.manual_seed(0)
+    net = mg.MagNetNet(nn.Conv2d(3, 3, 1), 3).eval()
+    method = mg.MagNetFast(net, ["a", "b", "c"], normalisation={"mean": [0.5] * 3, "std": [0.5] * 3})
+    for ev in iter_segment(open_pyramid(np.asarray(layer.data[0])), method, level=0, window=128, overlap=16,
+                           region=(0, 0, 128, 128)):
+        un.on_window_event(viewer, layer, ev, 1.0)
+    widget = un.UncertaintyWidget(viewer)
+    widget.image_combo.set_layer(layer)
+    widget.refresh()
+    widget.region_spin.setValue(64)
+    boxes = []
+    while (box := widget.next_region()) is not None:
+        boxes.append(box)
+    assert len(boxes) == 4 and all(b[2] <= 128 and b[3] <= 128 for b in boxes)
+    assert "visited" in widget.status.text()
