@@ -42,6 +42,12 @@ def test_region_queue_skips_what_was_never_segmented_and_boxes_the_scored_block(
     assert seen[0] == (40.0, 40.0, 80.0, 80.0)
     assert all(b[2] <= 80 and b[3] <= 120 for b in seen)  # only the segmented top-left block
     assert q.next() is None
+    # A region half inside the box is scored on its segmented half: 0.6 there beats 0.5 over a whole region.
+    umap, covered = np.zeros((20, 20), np.float32), np.zeros((20, 20), bool)
+    covered[:, :15] = True
+    umap[:10, :10], umap[:10, 10:15] = 0.5, 0.6
+    q = un.RegionQueue(umap, downsample=4, region=40, shape0=(80, 80), covered=covered)
+    assert q.next() == (0.0, 40.0, 40.0, 80.0)
     # A map at a non-integer downsample (a 100k slide: 24.41 px per map pixel): a region of 1024 px is 42 map
     # pixels, and the box offered is exactly the block that was scored, wherever it is on the slide.
     d = 100_000 / 4096

@@ -93,9 +93,10 @@ class RegionQueue:
         self.visited: set[tuple[int, int]] = set()
         self.scores = self._block_scores(umap)
         self.queued = np.ones(self.scores.shape, bool)
-        if covered is not None:
-            covered = np.asarray(covered, bool)
-            self.queued = self._block_scores(covered.astype(np.float32)) > 0
+        if covered is not None:  # a region's score is the mean over its segmented pixels only
+            share = self._block_scores(np.asarray(covered, bool).astype(np.float32))
+            self.queued = share > 0
+            self.scores = np.where(self.queued, self._block_scores(umap * covered) / np.maximum(share, 1e-12), 0)
         for cell in zip(*np.nonzero(~self.queued)):
             self.visited.add((int(cell[0]), int(cell[1])))
 
