@@ -106,3 +106,31 @@ def test_a_region_fills_only_its_part_of_the_map_and_other_methods_write_none(sc
                  "--checkpoint", str(other), "--window", "128", "--overlap", "16", "--device", "cpu", "--quiet"]) == 0
     assert "uncertainty" not in _summary(capsys)
     assert not (tmp_path / "ch_uncertainty.tif").exists()
+
+
+@pytest.mark.parametrize("meta, shape, said", [
+    ({}, (10, 12), "downsample is None"),
+    ({"downsample": 0}, (10, 12), "downsample is 0"),
+    ({"downsample": -4}, (10, 12), "downsample is -4"),
+    ({"downsample": "x"}, (10, 12), "downsample is 'x'"),
+    ({"downsample": 4, "pixel_size": "abc"}, (10, 12), "pixel size is 'abc'"),
+    ({"downsample": 4, "pixel_size": [0, 0]}, (10, 12), "pixel size is [0, 0]"),
+    ({"downsample": 4}, (3, 10, 12), "shape (3, 10, 12)"),
+])
+def test_an_edited_or_damaged_map_is_refused_with_a_message(tmp_path, meta, shape, said):
+    """A map with our tag but metadata that would give the layer a zero, negative or NaN scale (or a map that
+    is not 2-D) is refused by the reader with a message, not opened misplaced or crashing on a KeyError."""
+    from napari_uhrseg._reader import read_pyramid
+    from napari_uhrseg.errors import UnsupportedImageError
+    from napari_uhrseg.methods.magnet import UNCERTAINTY_TAG
+
+    path = tmp_path / "scene_uncertainty.tif"
+    tifffile.imwrite(path, np.full(shape, 0.5, np.float32),
+                     description=json.dumps({"uncertainty": UNCERTAINTY_TAG, **meta}))
+    with pytest.raises(UnsupportedImageError, match="MagNet uncertainty map") as err:
+        read_pyramid(str(path))
+    assert said in str(err.value) and "uhrseg segment" in str(err.value)
+    tifffile.imwrite(path, np.full((10, 12), 0.5, np.float32),
+                     description=json.dumps({"uncertainty": UNCERTAINTY_TAG, "downsample": 4, "pixel_size": [0.5, 0.5]}))
+    (data, kwargs, kind), = read_pyramid(str(path))
+    assert kind == "image" and kwargs["scale"] == (2.0, 2.0) and data.shape == (10, 12)

@@ -1160,9 +1160,34 @@ def read_uncertainty(path: str | Path) -> tuple[np.ndarray, dict] | None:
             meta = json.loads(tif.pages[0].description or "{}")
             if not isinstance(meta, dict) or meta.get("uncertainty") != UNCERTAINTY_TAG:
                 return None
-            return tif.asarray().astype(np.float32, copy=False), meta
+            umap = tif.asarray().astype(np.float32, copy=False)
     except Exception:  # noqa: BLE001 - damaged TIFFs raise anything (IndexError on an empty page list, ...)
         return None  # not a map we wrote: open_pyramid then reads it or says clearly what is wrong with it
+    problem = _uncertainty_problem(umap, meta)
+    if problem:
+        from napari_uhrseg.errors import UnsupportedImageError
+
+        raise UnsupportedImageError(
+            f"{p.name} is a MagNet uncertainty map, but {problem}: it was edited or damaged. Segment the image "
+            "again with `uhrseg segment --method magnet ... -o OUT` to write a new one."
+        )
+    return umap, meta
+
+
+def _uncertainty_problem(umap: np.ndarray, meta: dict) -> str | None:
+    """What is wrong with a tagged map's array or metadata (None: nothing) — before a layer gets a zero,
+    negative or NaN scale from it."""
+    def positive(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+    if umap.ndim != 2 or 0 in umap.shape:
+        return f"its map has shape {umap.shape} instead of (rows, columns)"
+    if not positive(meta.get("downsample")):
+        return f"its downsample is {meta.get('downsample')!r} instead of a positive number"
+    size = meta.get("pixel_size")
+    if size is not None and not (isinstance(size, list) and 1 <= len(size) <= 2 and all(map(positive, size))):
+        return f"its pixel size is {size!r} instead of positive numbers"
+    return None
 
 
 def uncertainty_geometry(meta: dict) -> tuple[tuple[float, float], tuple[float, float]]:
