@@ -134,3 +134,43 @@ def test_an_edited_or_damaged_map_is_refused_with_a_message(tmp_path, meta, shap
                      description=json.dumps({"uncertainty": UNCERTAINTY_TAG, "downsample": 4, "pixel_size": [0.5, 0.5]}))
     (data, kwargs, kind), = read_pyramid(str(path))
     assert kind == "image" and kwargs["scale"] == (2.0, 2.0) and data.shape == (10, 12)
+
+
+@pytest.mark.parametrize("sidecar", ["scene_labels_uncertainty.tif", "scene_labels.patches.geojson"])
+def test_a_folder_where_a_file_goes_beside_out_is_refused_before_the_run(scene, tmp_path, capsys, sidecar):
+    """The map and the patch overlays are written beside OUT under names the user did not type: a folder of
+    that name (with the user's files in it) is never replaced, even with --overwrite; the run stops first."""
+    image, _, ckpt = scene
+    folder = tmp_path / sidecar
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    out = tmp_path / "scene_labels.ome.tif"
+    code = main(["segment", str(image), "-o", str(out), "--method", "magnet-fast", "--checkpoint", str(ckpt),
+                 "--level", "1", "--window", "128", "--device", "cpu", "--quiet", "--overwrite"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{folder} is a folder" in err and "choose another OUT" in err
+    assert (folder / "keep.txt").read_text() == "mine" and not out.exists()
+
+
+def test_save_uncertainty_never_replaces_a_folder_and_reports_os_errors(tmp_path, monkeypatch):
+    from napari_uhrseg.errors import ExportError
+
+    umap = mg.UncertaintyMap((64, 64), 4)
+    umap.add((0, 0, 64, 64), np.full((64, 64), 0.25, np.float32))
+    (tmp_path / "a_uncertainty.tif").mkdir()
+    with pytest.raises(ExportError, match="is a folder"):
+        mg.save_uncertainty(tmp_path / "a.ome.tif", umap)
+    assert (tmp_path / "a_uncertainty.tif").is_dir()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", full_disk)
+    with pytest.raises(ExportError, match="disk is full"):
+        mg.save_uncertainty(tmp_path / "b.ome.tif", umap)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_uncertainty.tif"]  # no temporary left behind
+    monkeypatch.undo()
+    path = mg.save_uncertainty(tmp_path / "b.ome.tif", umap)
+    umap_back, meta = mg.read_uncertainty(path)
+    assert umap_back.shape == (16, 16) and np.allclose(umap_back, 0.25) and meta["downsample"] == 4.0

@@ -129,6 +129,12 @@ def _check_outputs(out: Path, overlays_path: Path) -> None:
                               "store), .ome.tif, .ome.zarr, .png or .geojson.") from None
     check_output_folder(out)
     check_output_folder(overlays_path)
+    from napari_uhrseg.methods.magnet import uncertainty_path
+
+    for sidecar in (overlays_path, uncertainty_path(out)):  # files written beside OUT; never delete a folder
+        if sidecar.is_dir():
+            raise UhrsegError(f"{sidecar} is a folder, and uhrseg segment writes a file of that name next to "
+                              "OUT: rename or move the folder, or choose another OUT.")
 
 
 def parse_region(text: str | None):

@@ -1125,21 +1125,21 @@ def save_uncertainty(labels_path: str | Path, umap: UncertaintyMap, pixel_size=N
     """Write the assembled map (float32 in [0, 1]) next to the labels as a TIFF, atomically. The downsample
     (level-0 px per map px) and the level-0 pixel size are kept in the description."""
     import json
-    import os
 
     import tifffile
+
+    from napari_uhrseg.errors import ExportError
+    from napari_uhrseg.io.atomic import atomic_path
 
     out = uncertainty_path(labels_path)
     meta = {"uncertainty": UNCERTAINTY_TAG, "downsample": umap.downsample, "shape0": list(umap.shape0),
             "pixel_size": None if pixel_size is None else [float(v) for v in np.ravel(pixel_size)],
             "pixel_unit": pixel_unit}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
+    if out.is_dir():  # a folder of the map's name is the user's: never replaced
+        raise ExportError(f"{out} is a folder, so the uncertainty map of {Path(labels_path).name} was not written: "
+                          "rename or move the folder and segment again.")
+    with atomic_path(out) as tmp:  # disk full, no permission: ExportError with what to do, nothing half-written
         tifffile.imwrite(tmp, umap.array, description=json.dumps(meta), compression="zlib")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
