@@ -115,6 +115,26 @@ def test_outputs_that_cannot_be_written_fail_before_the_first_window(scene, tmp_
         ["scene.tif", "channels.pt"] + (["locked"] if os.geteuid() != 0 else []))
 
 
+@pytest.mark.parametrize("name", ["mine.ome.tif", "mine.zarr", "mine.ome.zarr"])
+def test_out_that_is_a_folder_of_the_users_is_refused_before_the_first_window(scene, tmp_path, capsys,
+                                                                             monkeypatch, name):
+    """OUT naming a folder of other files (not a zarr store) is never replaced, even with --overwrite: the run
+    stops before any window and the folder keeps its files."""
+    import napari_uhrseg.engine.segment as engine
+
+    path, ckpt, _, _ = scene
+    ran = []
+    real = engine.iter_segment
+    monkeypatch.setattr(engine, "iter_segment", lambda *a, **k: ran.append(1) or real(*a, **k))
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    assert main(["segment", str(path), "-o", str(folder), "--method", "test-channels", "--checkpoint", str(ckpt),
+                 "--overwrite"]) == 2
+    assert f"{folder} is a folder" in capsys.readouterr().err
+    assert ran == [] and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
 def test_unknown_method_and_bad_region(scene, tmp_path, capsys):
     path, ckpt, _, _ = scene
     assert main(["segment", str(path), "-o", str(tmp_path / "a.zarr"), "--method", "nope"]) == 2

@@ -215,6 +215,21 @@ def test_errors_are_export_errors_and_keep_the_previous_file(tmp_path, monkeypat
         export_labels(np.zeros((8, 8), np.float32), tmp_path / "l.png")
 
 
+@pytest.mark.parametrize("suffix", [".ome.tif", ".png", ".geojson", ".ome.zarr"])
+def test_an_export_never_deletes_a_folder_of_the_users(tmp_path, suffix):
+    """A folder at the export's name, with the user's files in it, is left as it was: a file never replaces a
+    folder, and a store replaces only a zarr store (or an empty folder)."""
+    labels = np.zeros((64, 64), np.uint8)
+    labels[8:40, 8:40] = 1
+    target = tmp_path / f"mine{suffix}"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="is a folder"):
+        export_labels(labels, target, class_names=["bg", "a"])
+    assert (target / "notes.txt").read_text() == "keep me" and sorted(os.listdir(target)) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no temporary left behind
+
+
 def test_ome_zarr_replaces_an_existing_store_atomically(tmp_path):
     target = tmp_path / "l.ome.zarr"
     export_labels(np.ones((100, 100), np.uint8), target)

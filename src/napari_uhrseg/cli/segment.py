@@ -118,7 +118,7 @@ def run(args) -> int:
 def _check_outputs(out: Path, overlays_path: Path) -> None:
     """What can be known about the outputs before the run: the export format (from OUT's suffix) and that the
     folders of OUT and of the overlays exist and can be written."""
-    from napari_uhrseg.io.atomic import check_output_folder
+    from napari_uhrseg.io.atomic import check_output_folder, check_replaceable
     from napari_uhrseg.io.export import guess_format
 
     if not _is_label_store_path(out):
@@ -129,6 +129,7 @@ def _check_outputs(out: Path, overlays_path: Path) -> None:
                               "store), .ome.tif, .ome.zarr, .png or .geojson.") from None
     check_output_folder(out)
     check_output_folder(overlays_path)
+    check_replaceable(out, folder_output=_is_label_store_path(out) or out.name.lower().endswith(".ome.zarr"))
     from napari_uhrseg.methods.magnet import uncertainty_path
 
     for sidecar in (overlays_path, uncertainty_path(out)):  # files written beside OUT; never delete a folder

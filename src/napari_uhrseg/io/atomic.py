@@ -77,8 +77,28 @@ def describe_os_error(exc: OSError, path: Path) -> str:
     return f"Could not write {path} ({exc.strerror or exc}): check the path and the disk."
 
 
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray", ".zattrs")
+
+
+def check_replaceable(path: str | os.PathLike, folder_output: bool) -> None:
+    """Raise :class:`ExportError` if writing ``path`` would delete a folder of the user's: a folder there is
+    replaced only by a store (``folder_output``), and only when it is a zarr store itself or empty. Long jobs
+    call it before they start; every atomic write checks it again before the move."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    if not folder_output:
+        raise ExportError(f"{path} is a folder, and a file cannot replace it (the folder is left untouched): "
+                          "rename or move the folder, or choose another name.")
+    if not any((path / m).exists() for m in _ZARR_MARKERS) and any(path.iterdir()):
+        raise ExportError(f"{path} is a folder that is not a zarr store, so it was not replaced (its files are "
+                          "untouched): rename or move it, or choose another name.")
+
+
 def replace_into(tmp: Path, path: Path) -> None:
-    """Move the finished ``tmp`` (file or folder) onto ``path``, replacing what was there."""
+    """Move the finished ``tmp`` (file or folder) onto ``path``, replacing what was there — never a folder of
+    the user's (``check_replaceable``)."""
+    check_replaceable(path, tmp.is_dir())
     if tmp.is_dir() and path.exists():
         old = _temp_sibling(path)
         os.replace(path, old)  # a folder cannot be replaced in one rename: move the old one aside first
@@ -89,13 +109,7 @@ def replace_into(tmp: Path, path: Path) -> None:
             raise
         _remove(old)
     else:
-        if path.is_dir() and not tmp.is_dir():
-            old = _temp_sibling(path)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
