@@ -69,3 +69,35 @@ def test_a_rewritten_checkpoint_is_read_again_and_callers_cannot_change_the_cach
     path.unlink()
     with pytest.raises(CheckpointError):
         read_checkpoint_meta(path)
+
+
+@pytest.mark.parametrize("argv", [["--method", "magnet", "-o"], ["--method", "grnet", "--out"],
+                                  ["--method", "cascadepsp", "-o"]])
+def test_training_refuses_a_checkpoint_path_it_could_not_write_before_the_first_step(tmp_path, capsys, argv):
+    """A folder at -o/--out ended hours of training with an IsADirectoryError traceback and the weights lost;
+    now every trainer stops at once with a message, and the folder is untouched."""
+    from napari_uhrseg.cli import main
+
+    folder = tmp_path / "ck.pt"
+    folder.mkdir()
+    assert main(["train", *argv, str(folder)]) == 2
+    assert f"{folder} is a folder: give the checkpoint a file name" in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+
+
+def test_save_checkpoint_reports_a_full_disk_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torch
+
+    from napari_uhrseg.errors import ExportError
+    from napari_uhrseg.methods.base import save_checkpoint
+
+    meta = {"method": "x", "preset": "fast", "class_names": ["a", "b"], "normalisation": {"mean": [0.5] * 3,
+                                                                                         "std": [0.5] * 3}}
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ExportError, match="disk is full"):
+        save_checkpoint(tmp_path / "m.pt", {"w": torch.zeros(2)}, meta)
+    assert list(tmp_path.iterdir()) == []

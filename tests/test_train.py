@@ -273,16 +273,16 @@ def test_cli_train_init_freeze_global_keeps_the_g_branch_and_trains_the_rest(tmp
     assert meta["freeze_global"] is True and all(torch.equal(start[k], resumed[k]) for k in g)
     # what cannot work is refused with the reason
     assert train_main(args + ["--iterations", "2", "--freeze-global", "--out", str(tmp_path / "x.pt")]) == 2
-    assert "give --init" in capsys.readouterr().out
+    assert "give --init" in capsys.readouterr().err
     assert train_main(args + ["--iterations", "2", "--init", str(base), "--resume", str(last_path(out)),
                               "--out", str(tmp_path / "y.pt")]) == 2
-    assert "not both" in capsys.readouterr().out
+    assert "not both" in capsys.readouterr().err
     from napari_uhrseg.methods.base import save_checkpoint
 
     state, meta = load_checkpoint(base, method="grnet")
     other = save_checkpoint(tmp_path / "other.pt", state, dict(meta, class_names=list(reversed(meta["class_names"]))))
     assert train_main(args + ["--iterations", "2", "--init", str(other), "--out", str(tmp_path / "z.pt")]) == 2
-    assert "same classes" in capsys.readouterr().out
+    assert "same classes" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,bad", [

@@ -114,16 +114,29 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict, meta: dict) -> Pa
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"checkpoint metadata lacks {missing}")
+    from napari_uhrseg.io.atomic import atomic_path
+
     path = Path(path)
+    check_checkpoint_output(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # disk full, no permission: ExportError with what to do, nothing half-written
         torch.save({"meta": meta, "state_dict": state_dict}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
+
+
+def check_checkpoint_output(path: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` now if a checkpoint could not be written at ``path`` (a folder there, or
+    no permission in the nearest existing folder): training calls it before the first step, not after hours."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: give the checkpoint a file name, e.g. {path / 'model.pt'}.")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file, so {path} cannot be written: choose another folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CheckpointError(f"No permission to write in {folder}: choose a folder you can write to.")
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:

@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from napari_uhrseg.errors import CheckpointError, UhrsegError
-from napari_uhrseg.methods.base import Method, Prediction, load_checkpoint, register_method, save_checkpoint
+from napari_uhrseg.methods.base import (Method, Prediction, check_checkpoint_output, load_checkpoint, register_method,
+                                       save_checkpoint)
 
 # --------------------------------------------------------------------------------------------- published numbers
 GLOBAL_L = 900  # §3.2: the global step resizes the long side to L
@@ -870,6 +871,7 @@ def train_main(argv=None, method: str = "cascadepsp") -> int:
     ap.add_argument("--threads", type=count(1), default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    check_checkpoint_output(args.output)  # before the training, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -37,7 +37,8 @@ from torch import nn
 
 from napari_uhrseg.errors import CheckpointError, UhrsegError
 from napari_uhrseg.engine.train import confusion, labelled_points, miou, point_focal_loss, sample_logits
-from napari_uhrseg.methods.base import Method, Prediction, load_checkpoint, register_method, save_checkpoint
+from napari_uhrseg.methods.base import (Method, Prediction, check_checkpoint_output, load_checkpoint, register_method,
+                                       save_checkpoint)
 from napari_uhrseg.methods.presets import GRNET_ARCH_KEYS, checkpoint_architecture, grnet_preset
 from napari_uhrseg.nn.backbones import build_backbone
 from napari_uhrseg.nn.fpn import FPN, merge_levels
@@ -704,6 +705,7 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
 
     args = _parser().parse_args(argv)
     try:
+        check_checkpoint_output(args.out)  # before the training, not after it
         dev = select_device(args.device, threads=args.threads)
         torch.manual_seed(args.seed)
         resume_state, resume_meta, init_state, init_meta = None, None, None, None
@@ -810,6 +812,8 @@ def train_main(argv: list[str], method: str = "grnet") -> int:
             signal.signal(signal.SIGINT, old)
         print(f"best checkpoint: {args.out}; resumable state: {last_path(Path(args.out))}")
         return 0
-    except UhrsegError as exc:
-        print(f"error: {exc}")
+    except UhrsegError as exc:  # on stderr, as every other command says what went wrong
+        import sys
+
+        print(f"uhrseg train: {exc}", file=sys.stderr)
         return 2

@@ -269,9 +269,10 @@ def load_grnet_backbone(net: MagNetNet, path, preset: str, class_names: list[str
 
 def train_main(argv: list[str] | None = None, method: str = "magnet") -> int:
     """``uhrseg train --method magnet|magnet-fast``: one checkpoint serves both (its method is ``magnet``)."""
-    from napari_uhrseg.methods.base import save_checkpoint
+    from napari_uhrseg.methods.base import check_checkpoint_output, save_checkpoint
 
     args = _parser(method).parse_args(argv)
+    check_checkpoint_output(args.out)  # before the training, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
