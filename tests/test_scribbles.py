@@ -96,6 +96,9 @@ def test_frozen_backbone_stays_fixed_heads_learn_and_resume_continues(tmp_path):
     assert pred.probabilities.shape == (4, 128, 128) and set(np.unique(pred.labels)) <= {1, 2, 3}
     with pytest.raises(CheckpointError, match="holds no training state"):
         start_session("grnet", [item], NAMES, settings=settings, out=tmp_path / "x.pt", resume=tmp_path / "run.pt")
+    (tmp_path / "folder.pt").mkdir()  # a folder where the checkpoint goes: refused before any step
+    with pytest.raises(CheckpointError, match="is a folder"):
+        start_session("grnet", [item], NAMES, settings=settings, out=tmp_path / "folder.pt")
 
 
 def test_learning_rate_of_a_round_frozen_default_chosen_and_fine_tuning(tmp_path):

@@ -164,8 +164,10 @@ def start_session(method: str, items: list, class_names, class_colors=None, *, s
     had finished, for ``settings.iterations`` more steps).
     """
     from napari_uhrseg.methods import get_method
+    from napari_uhrseg.methods.base import check_checkpoint_output
 
     method = method.lower()
+    check_checkpoint_output(out)  # before the first step, not after the last
     cls = get_method(method)
     module = importlib.import_module(cls.__module__)
     builder = getattr(module, "build_scribble_trainer", None) or _BUILDERS.get(method)
